@@ -1,0 +1,31 @@
+"""Entry points and benchmark scripts run end to end at a tiny size (smoke tests, no timings asserted)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_module(module, *args, timeout=600):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc.stdout + proc.stderr
+
+
+def test_model_summary():
+    out = run_module("experiments.model_summary", "--preset=tiny", "--img_size=32")
+    assert "finite: True" in out and "(1, 32, 32, 32, 2)" in out
+
+
+def test_model_step_benchmark(tmp_path):
+    path = tmp_path / "ms.json"
+    out = run_module("benchmarks.model_step", "--preset=tiny", "--img_size=32", "--against=none",
+                     "--steps=2", "--warmup=0", f"--json_out={path}")
+    assert "train_step" in out
+    res = json.loads(path.read_text())
+    assert res["train_step"]["jaxseg"]["n"] == 2 and res["train_step"]["jaxseg"]["median_s"] > 0
