@@ -29,3 +29,12 @@ def test_model_step_benchmark(tmp_path):
     assert "train_step" in out
     res = json.loads(path.read_text())
     assert res["train_step"]["jaxseg"]["n"] == 2 and res["train_step"]["jaxseg"]["median_s"] > 0
+
+
+def test_loss_scaling_benchmark(tmp_path):
+    path, png = tmp_path / "ls.json", tmp_path / "ls.png"
+    run_module("benchmarks.loss_scaling", "--partitions=4,8", "--images=2", "--stages=decoder",
+               "--steps=1", "--k=8", f"--json_out={path}", f"--png={png}")
+    rows = json.loads(path.read_text())["rows"]
+    assert {r["objective"] for r in rows} >= {"comparative", "contrastive", "comparative_sampled"}
+    assert png.stat().st_size > 1000

@@ -1,0 +1,111 @@
+"""Metrics against monai.metrics, conventions for empty masks, aggregation."""
+
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from monai.metrics import (compute_average_surface_distance, compute_dice, compute_hausdorff_distance,
+                           compute_surface_dice)
+from scipy import ndimage
+
+from jaxseg import metrics as M
+
+
+def blob(seed, shape=(24, 28, 20), thr=0.6):
+    rng = np.random.default_rng(seed)
+    field = ndimage.gaussian_filter(rng.standard_normal(shape), 3)
+    return field > np.quantile(field, thr)
+
+
+def monai_all(pred, truth, spacing, tol):
+    p = torch.from_numpy(np.stack([~pred, pred])[None].astype(np.float32))
+    t = torch.from_numpy(np.stack([~truth, truth])[None].astype(np.float32))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return {
+            "dice": float(compute_dice(p, t, include_background=False, ignore_empty=True)[0, 0]),
+            "hd": float(compute_hausdorff_distance(p, t, spacing=spacing)[0, 0]),
+            "hd95": float(compute_hausdorff_distance(p, t, percentile=95, spacing=spacing)[0, 0]),
+            "asd": float(compute_average_surface_distance(p, t, spacing=spacing)[0, 0]),
+            "surface_dice": float(compute_surface_dice(p, t, [tol], spacing=spacing)[0, 0]),
+        }
+
+
+def same(a, b, rtol=1e-5):
+    if math.isnan(b):
+        return math.isnan(a)
+    if math.isinf(b):
+        return a == b
+    return abs(a - b) <= rtol * max(1.0, abs(b))
+
+
+@pytest.mark.parametrize("spacing", [(1.0, 1.0, 1.0), (0.8, 1.5, 3.0)])
+@pytest.mark.parametrize("case", ["overlap", "shifted", "empty_pred", "empty_truth", "both_empty"])
+def test_matches_monai(case, spacing):
+    pred, truth = blob(1), blob(2)
+    if case == "shifted":
+        pred = np.roll(truth, 3, axis=0)
+    elif case == "empty_pred":
+        pred = np.zeros_like(pred)
+    elif case == "empty_truth":
+        truth = np.zeros_like(truth)
+    elif case == "both_empty":
+        pred, truth = np.zeros_like(pred), np.zeros_like(truth)
+    ref = monai_all(pred, truth, spacing, tol=2.0)
+    got = M.case_metrics(pred.astype(np.uint8), truth.astype(np.uint8), spacing, tolerance=2.0)["1"]
+    if case == "both_empty":
+        assert got["hd"] != got["hd"] and got["surface_dice"] != got["surface_dice"]
+    for name, want in ref.items():
+        assert same(got[name], want), (name, got[name], want)
+
+
+def test_documented_empty_conventions():
+    truth = blob(3)
+    m = M.case_metrics(np.zeros_like(truth, np.uint8), truth.astype(np.uint8))["1"]
+    assert m["hd"] == math.inf and math.isnan(m["hd95"]) and m["dice"] == 0.0 and m["recall"] == 0.0
+    assert math.isnan(m["precision"])
+    m = M.case_metrics(truth.astype(np.uint8), np.zeros_like(truth, np.uint8))["1"]
+    assert math.isnan(m["dice"]) and math.isnan(m["recall"]) and m["precision"] == 0.0
+
+
+def test_overlap_counts_by_hand():
+    pred = np.zeros((4, 4, 4), np.uint8); truth = np.zeros_like(pred)
+    pred[:2] = 1; truth[1:3] = 1  # 32 voxels each, 16 shared
+    m = M.case_metrics(pred, truth)["1"]
+    assert (m["tp"], m["fp"], m["fn"]) == (16, 16, 16)
+    assert m["dice"] == m["f1"] == 0.5 and m["precision"] == 0.5 and m["recall"] == 0.5
+
+
+def test_multichannel_and_labels_and_names():
+    a, b = blob(4), blob(5)
+    stack_p, stack_t = np.stack([a, a | b]), np.stack([b, a | b])
+    out = M.case_metrics(stack_p, stack_t, class_names=["TC", "WT"])
+    assert set(out) == {"TC", "WT"} and out["WT"]["dice"] == 1.0 and out["WT"]["hd"] == 0.0
+    lab_p = a.astype(np.uint8) + 2 * (b & ~a)
+    out = M.case_metrics(lab_p, lab_p, class_names=["bg", "x", "y"])
+    assert set(out) == {"x", "y"} and out["y"]["dice"] == 1.0
+    with pytest.raises(ValueError, match="differs"):
+        M.case_metrics(np.zeros((3, 3, 3)), np.zeros((3, 3, 4)))
+
+
+def test_hausdorff_honours_spacing_exactly():
+    p = np.zeros((20, 20, 20), bool); t = np.zeros_like(p)
+    p[5:8, 5:8, 5:8] = True; t[5:8, 5:8, 11:14] = True  # same cube shifted 6 voxels along W
+    m = M.surface_metrics(p, t, spacing=(1.0, 1.0, 2.5))
+    assert m["hd"] == pytest.approx(6 * 2.5)
+
+
+def test_aggregate_and_pooled():
+    cases = [M.case_metrics(blob(s).astype(np.uint8), blob(s + 10).astype(np.uint8)) for s in range(3)]
+    cases.append(M.case_metrics(blob(9).astype(np.uint8), np.zeros((24, 28, 20), np.uint8)))  # empty truth
+    agg = M.aggregate(cases)
+    dices = [c["1"]["dice"] for c in cases[:3]]
+    assert agg["1"]["dice"]["mean"] == pytest.approx(np.mean(dices))
+    assert agg["1"]["dice"]["std"] == pytest.approx(np.std(dices))
+    assert agg["1"]["dice"]["n"] == 3 and agg["1"]["dice"]["n_nan"] == 1
+    assert agg["1"]["hd"]["n_inf"] == 1 and agg["1"]["hd"]["mean"] == math.inf
+    pooled = M.pooled_precision_recall(cases)["1"]
+    tp = sum(c["1"]["tp"] for c in cases); fp = sum(c["1"]["fp"] for c in cases)
+    assert pooled["precision"] == pytest.approx(tp / (tp + fp))
