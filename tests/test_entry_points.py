@@ -38,3 +38,16 @@ def test_loss_scaling_benchmark(tmp_path):
     rows = json.loads(path.read_text())["rows"]
     assert {r["objective"] for r in rows} >= {"comparative", "contrastive", "comparative_sampled"}
     assert png.stat().st_size > 1000
+
+
+def test_prepare_phantom_and_pipeline_benchmark(tmp_path):
+    out = run_module("experiments.prepare", "--phantom=braintumour", "--phantom_subjects=2",
+                     f"--data_dir={tmp_path / 'data'}", f"--out_dir={tmp_path / 'cache'}", "--workers=1")
+    assert "'done': 2" in out
+    index = json.loads((tmp_path / "cache" / "cache.json").read_text())
+    assert index["regions"] == {"TC": [2, 3], "WT": [1, 2, 3], "ET": [3]} and len(index["training"]) == 2
+    path = tmp_path / "pipe.json"
+    run_module("benchmarks.pipeline", f"--work_dir={tmp_path / 'pipe'}", "--subjects=2", "--crop_size=32",
+               "--steps=2", "--warmup=1", "--threads=1", f"--json_out={path}")
+    rows = json.loads(path.read_text())["rows"]
+    assert {r["pipeline"] for r in rows} == {"pretrain", "finetune"} and all(r["crops_per_s"] > 0 for r in rows)

@@ -1,0 +1,13 @@
+"""Data: MSD I/O and validation, preprocessing, cache, phantoms, grain pipelines."""
+
+from jaxseg.data.cache import Cache, PrepareConfig, label_budget, prepare, split_cases
+from jaxseg.data.msd import DataValidationError, DatasetInfo, load_dataset_json, validate_dataset
+from jaxseg.data.phantom import write_phantom_dataset
+from jaxseg.data.pipelines import (FinetuneDataConfig, PretrainDataConfig, finetune_dataset, make_iterator,
+                                   pretrain_dataset)
+
+__all__ = [
+    "Cache", "DataValidationError", "DatasetInfo", "FinetuneDataConfig", "PrepareConfig", "PretrainDataConfig",
+    "finetune_dataset", "label_budget", "load_dataset_json", "make_iterator", "prepare", "pretrain_dataset",
+    "split_cases", "validate_dataset", "write_phantom_dataset",
+]

@@ -1,0 +1,186 @@
+"""Preprocessed-case cache: one folder per case with ``image.npy`` (X, Y, Z, C) float32,
+``label.npy`` (X, Y, Z) uint8 and ``meta.json``; read back memory-mapped.
+
+A case folder is written under a temporary name and renamed into place, so a run killed midway
+never leaves a folder that looks complete; re-running skips complete, readable cases.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import dataclasses
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from jaxseg.data.msd import Case, DatasetInfo, DataValidationError, check_case, load_nifti
+from jaxseg.data.preprocess import brats_regions, preprocess_case
+
+INDEX = "cache.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class PrepareConfig:
+    target_spacing: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    ct_range: tuple[float, float] = (-175.0, 250.0)
+
+
+def case_dir(out_dir: Path, case_id: str) -> Path:
+    return Path(out_dir) / "cases" / case_id
+
+
+def is_complete(path: Path) -> bool:
+    """A case folder is complete when meta.json says so and the arrays' headers match it."""
+    try:
+        meta = json.loads((path / "meta.json").read_text())
+        img = np.load(path / "image.npy", mmap_mode="r")
+        if list(img.shape) != meta["cached_shape"]:
+            return False
+        if meta["has_label"]:
+            lab = np.load(path / "label.npy", mmap_mode="r")
+            return list(lab.shape) == meta["cached_shape"][:3]
+        return True
+    except (OSError, ValueError, KeyError):
+        return False
+
+
+def _prepare_one(case: Case, info: DatasetInfo, out_dir: Path, cfg: PrepareConfig,
+                 require_label: bool) -> tuple[str, list[str]]:
+    final = case_dir(out_dir, case.case_id)
+    if is_complete(final):
+        return "skipped", []
+    try:
+        image, affine = load_nifti(case.image)
+    except DataValidationError as e:
+        return "failed", e.problems
+    label = lab_aff = None
+    if case.label is not None:
+        try:
+            label, lab_aff = load_nifti(case.label)
+        except DataValidationError as e:
+            return "failed", e.problems
+    problems = check_case(case, info, require_label, image, affine, label, lab_aff)
+    if problems:
+        return "failed", problems
+    out = preprocess_case(image, affine, label, target_spacing=cfg.target_spacing, ct=info.is_ct,
+                          ct_range=cfg.ct_range)
+    tmp = final.parent / f".tmp-{case.case_id}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    np.save(tmp / "image.npy", out["image"])
+    if out["label"] is not None:
+        np.save(tmp / "label.npy", out["label"])
+    meta = {**out["meta"], "case_id": case.case_id, "image_file": str(case.image),
+            "label_file": str(case.label) if case.label else None, "has_label": out["label"] is not None,
+            "cached_shape": list(out["image"].shape)}
+    (tmp / "meta.json").write_text(json.dumps(meta))
+    shutil.rmtree(final, ignore_errors=True)  # an incomplete leftover
+    os.replace(tmp, final)
+    return "done", []
+
+
+def prepare(info: DatasetInfo, out_dir: str | Path, cfg: PrepareConfig = PrepareConfig(),
+            workers: int | None = None, include_test: bool = False, progress: bool = True) -> dict:
+    """Preprocess every training case (and test images with ``include_test``) into ``out_dir``
+    in parallel processes. Cases with problems are not cached; all problems are raised together
+    at the end as ``DataValidationError`` (valid cases stay cached, no work is lost)."""
+    out_dir = Path(out_dir)
+    (out_dir / "cases").mkdir(parents=True, exist_ok=True)
+    jobs = [(c, True) for c in info.training] + ([(c, False) for c in info.test] if include_test else [])
+    workers = workers or max(1, min(len(jobs), os.cpu_count() or 1))
+    status: dict[str, int] = {"done": 0, "skipped": 0, "failed": 0}
+    problems: list[str] = []
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(jobs), desc="prepare", unit="case", disable=not progress)
+    with cf.ProcessPoolExecutor(workers) as pool:
+        futures = [pool.submit(_prepare_one, c, info, out_dir, cfg, req) for c, req in jobs]
+        for fut in cf.as_completed(futures):
+            state, probs = fut.result()
+            status[state] += 1
+            problems += probs
+            bar.update(1)
+            bar.set_postfix(status)
+    bar.close()
+    index = {
+        "name": info.name, "modality": {str(k): v for k, v in info.modality.items()},
+        "labels": {str(k): v for k, v in info.labels.items()},
+        "training": [c.case_id for c in info.training if is_complete(case_dir(out_dir, c.case_id))],
+        "test": [c.case_id for c in info.test if include_test and is_complete(case_dir(out_dir, c.case_id))],
+        "target_spacing": list(cfg.target_spacing), "is_ct": info.is_ct,
+    }
+    try:
+        index["regions"] = brats_regions(info.labels)
+    except ValueError:
+        index["regions"] = None
+    tmp = out_dir / f".{INDEX}.tmp"
+    tmp.write_text(json.dumps(index, indent=1))
+    os.replace(tmp, out_dir / INDEX)
+    if problems:
+        raise DataValidationError(sorted(problems))
+    return status
+
+
+class Cache:
+    """Read side of a prepared cache: case ids, memory-mapped arrays, metadata."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        path = self.root / INDEX
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: missing; run `python -m experiments.prepare` first")
+        self.index = json.loads(path.read_text())
+        self.labels = {int(k): v for k, v in self.index["labels"].items()}
+        self.regions: dict[str, list[int]] | None = self.index.get("regions")
+        self.num_channels = len(self.index["modality"])
+
+    @property
+    def training(self) -> list[str]:
+        return list(self.index["training"])
+
+    @property
+    def test(self) -> list[str]:
+        return list(self.index["test"])
+
+    @property
+    def num_classes(self) -> int:
+        """Model output channels: 3 (TC, WT, ET; sigmoid) for BraTS, else one per label (softmax)."""
+        return len(self.regions) if self.regions else len(self.labels)
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.regions) if self.regions else [self.labels[k] for k in sorted(self.labels)]
+
+    def image(self, case_id: str) -> np.ndarray:
+        return np.load(case_dir(self.root, case_id) / "image.npy", mmap_mode="r")
+
+    def label(self, case_id: str) -> np.ndarray:
+        return np.load(case_dir(self.root, case_id) / "label.npy", mmap_mode="r")
+
+    def meta(self, case_id: str) -> dict:
+        return json.loads((case_dir(self.root, case_id) / "meta.json").read_text())
+
+
+def split_cases(case_ids: Sequence[str], val_fraction: float, test_fraction: float, seed: int
+                ) -> dict[str, list[str]]:
+    """Seeded train / val / test split (the test part is never used for model selection)."""
+    ids = sorted(case_ids)
+    order = np.random.default_rng(seed).permutation(len(ids))
+    n_test = int(round(test_fraction * len(ids)))
+    n_val = int(round(val_fraction * len(ids)))
+    test = [ids[i] for i in order[:n_test]]
+    val = [ids[i] for i in order[n_test:n_test + n_val]]
+    train = [ids[i] for i in order[n_test + n_val:]]
+    return {"train": train, "val": val, "test": test}
+
+
+def label_budget(train_ids: Sequence[str], n: int | None, seed: int) -> list[str]:
+    """The first ``n`` labelled training cases in a seeded order (all when ``n`` is None)."""
+    ids = sorted(train_ids)
+    order = np.random.default_rng(seed + 1).permutation(len(ids))
+    chosen = [ids[i] for i in order]
+    return chosen if n is None else chosen[:n]

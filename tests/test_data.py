@@ -1,0 +1,260 @@
+"""Data: NIfTI I/O, RAS, resampling, BraTS mapping, validation errors, cache, phantoms, pipelines."""
+
+import json
+import os
+import shutil
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from jaxseg.data import (Cache, DataValidationError, FinetuneDataConfig, PretrainDataConfig, finetune_dataset,
+                         label_budget, load_dataset_json, make_iterator, prepare, pretrain_dataset, split_cases,
+                         validate_dataset, write_phantom_dataset)
+from jaxseg.data import cache as cache_mod
+from jaxseg.data.msd import load_nifti
+from jaxseg.data.preprocess import (brats_regions, label_channels, preprocess_case, resample, restore_label,
+                                    save_nifti, to_ras)
+
+LPS = np.diag([-1.2, -1.2, 2.0, 1.0])
+LPS[:3, 3] = [30.0, 40.0, -10.0]
+
+
+@pytest.fixture(scope="module")
+def spleen_dir(tmp_path_factory):
+    return write_phantom_dataset(tmp_path_factory.mktemp("spleen"), "spleen", 6, n_test=1, shape=(40, 40, 24),
+                                 spacing=(1.2, 1.2, 2.0), seed=3)
+
+
+@pytest.fixture(scope="module")
+def spleen_cache(spleen_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("cache")
+    prepare(load_dataset_json(spleen_dir), out, progress=False, workers=2)
+    return Cache(out)
+
+
+def world(affine, ijk):
+    return affine[:3, :3] @ np.asarray(ijk, float) + affine[:3, 3]
+
+
+def test_nifti_round_trip_keeps_affine(tmp_path):
+    data = np.random.default_rng(0).standard_normal((5, 6, 7, 2)).astype(np.float32)
+    save_nifti(tmp_path / "x.nii.gz", data, LPS)
+    back, aff = load_nifti(tmp_path / "x.nii.gz")
+    np.testing.assert_array_equal(back, data)
+    np.testing.assert_allclose(aff, LPS)
+
+
+def test_to_ras_reorients_and_keeps_world_positions():
+    data = np.zeros((6, 7, 8), np.float32)
+    data[1, 2, 3] = 1
+    out, aff, _ = to_ras(data, LPS)
+    assert nib.aff2axcodes(aff) == ("R", "A", "S")
+    ijk = np.argwhere(out == 1)[0]
+    np.testing.assert_allclose(world(aff, ijk), world(LPS, (1, 2, 3)))
+
+
+def test_resampling_puts_structure_at_right_physical_place():
+    data = np.zeros((40, 40, 20), np.float32)
+    data[10:14, 25:29, 5:8] = 1.0  # a block; its centroid must keep its world position
+    centroid_world = world(LPS, np.argwhere(data > 0).mean(0))
+    out = preprocess_case(data, LPS, (data > 0).astype(np.uint8), target_spacing=(1.0, 1.0, 1.0))
+    meta = out["meta"]
+    lab = out["label"]
+    box = np.array(meta["crop_box"])[:, 0]
+    got = world(np.asarray(meta["resampled_affine"]), np.argwhere(lab > 0).mean(0) + box)
+    np.testing.assert_allclose(got, centroid_world, atol=0.6)  # within a target voxel
+    np.testing.assert_allclose(np.sqrt((np.asarray(meta["resampled_affine"])[:3, :3] ** 2).sum(0)), 1.0)
+    assert lab.sum() == pytest.approx(4 * 4 * 3 * 1.2 * 1.2 * 2.0, rel=0.35)
+    img, aff = resample(data, LPS, (1.2, 1.2, 2.0), order=1)  # same spacing: unchanged
+    np.testing.assert_array_equal(img, data)
+
+
+def test_prediction_maps_back_to_original_geometry():
+    rng = np.random.default_rng(0)
+    image = rng.normal(100, 10, (40, 40, 20)).astype(np.float32)
+    label = np.zeros((40, 40, 20), np.uint8)
+    label[8:30, 10:25, 4:15] = 1
+    out = preprocess_case(image, LPS, label, target_spacing=(1.0, 1.0, 1.0))
+    back, aff = restore_label(out["label"], out["meta"])  # "predict" the cached label itself
+    assert back.shape == label.shape
+    np.testing.assert_allclose(aff, LPS)
+    assert np.mean(back == label) > 0.99
+    same = preprocess_case(image, LPS, label, target_spacing=(1.2, 1.2, 2.0))  # RAS flip only
+    np.testing.assert_array_equal(restore_label(same["label"], same["meta"])[0], label)
+
+
+def test_brats_mapping_from_names_not_numbers():
+    msd = {0: "background", 1: "edema", 2: "non-enhancing tumor", 3: "enhancing tumour"}
+    assert brats_regions(msd) == {"TC": [2, 3], "WT": [1, 2, 3], "ET": [3]}
+    other = {0: "background", 1: "necrotic core", 2: "peritumoral edema", 4: "GD-enhancing tumor"}
+    assert brats_regions(other) == {"TC": [1, 4], "WT": [1, 2, 4], "ET": [4]}
+    ch = label_channels(np.array([0, 1, 2, 3]), brats_regions(msd))
+    np.testing.assert_array_equal(ch, [[0, 0, 0], [0, 1, 0], [1, 1, 0], [1, 1, 1]])
+    with pytest.raises(ValueError, match="not a BraTS"):
+        brats_regions({0: "background", 1: "spleen"})
+
+
+def test_every_validation_problem_is_reported_with_its_file(tmp_path, spleen_dir):
+    root = tmp_path / "broken"
+    shutil.copytree(spleen_dir, root)
+    info = load_dataset_json(root)
+    c = {case.case_id: case for case in info.training}
+    os.remove(c["spleen_000"].image)  # missing file
+    c["spleen_001"].image.write_bytes(b"\x1f\x8b not really a nifti")  # corrupt
+    img, aff = load_nifti(c["spleen_002"].image)
+    save_nifti(c["spleen_002"].label, np.zeros(img.shape[:2] + (img.shape[2] - 1,), np.uint8), aff)  # shape
+    lab, _ = load_nifti(c["spleen_003"].label)
+    save_nifti(c["spleen_003"].label, lab.astype(np.uint8), aff * 1.5)  # affine mismatch
+    bad = img.copy(); bad[0, 0, 0] = np.nan
+    save_nifti(c["spleen_004"].image, np.stack([bad, bad], -1), aff)  # NaN + 2 channels vs 1 modality
+    lab5, aff5 = load_nifti(c["spleen_005"].label)
+    lab5[0, 0, 0] = 7
+    save_nifti(c["spleen_005"].label, lab5.astype(np.uint8), aff5)  # unknown label value
+    with pytest.raises(DataValidationError) as err:
+        validate_dataset(info)
+    problems = err.value.problems
+    expect = {
+        "spleen_000": "missing file", "spleen_001": "corrupt", "spleen_002": "label shape",
+        "spleen_003": "affine differs", "spleen_004": "NaN", "spleen_005": "not in dataset.json labels",
+    }
+    for case_id, what in expect.items():
+        assert any(case_id in p and what in p for p in problems), (case_id, what, problems)
+    assert any("spleen_004" in p and "2 channel(s)" in p for p in problems)
+    lab, aff = load_nifti(c["spleen_005"].label)
+    save_nifti(c["spleen_005"].label, np.zeros_like(lab, np.uint8), aff)
+    with pytest.raises(DataValidationError, match="spleen_005.*empty label"):
+        validate_dataset(info)
+    # prepare reports the same problems at the end but caches the valid cases
+    with pytest.raises(DataValidationError):
+        prepare(info, tmp_path / "cache", progress=False, workers=1)
+
+
+def test_missing_dataset_json(tmp_path):
+    with pytest.raises(FileNotFoundError, match="dataset.json"):
+        load_dataset_json(tmp_path)
+
+
+def test_cache_contents_and_skip(spleen_dir, spleen_cache):
+    assert len(spleen_cache.training) == 6 and spleen_cache.num_classes == 2
+    img = spleen_cache.image(spleen_cache.training[0])
+    assert img.ndim == 4 and img.shape[-1] == 1 and img.dtype == np.float32
+    assert 0.0 <= float(img.min()) and float(img.max()) <= 1.0  # CT window scaled to [0, 1]
+    status = prepare(load_dataset_json(spleen_dir), spleen_cache.root, progress=False, workers=1)
+    assert status == {"done": 0, "skipped": 6, "failed": 0}
+
+
+def test_cache_resumes_after_a_kill(spleen_dir, tmp_path, monkeypatch):
+    info = load_dataset_json(spleen_dir)
+    out = tmp_path / "cache"
+    real_save = np.save
+    calls = {"n": 0}
+
+    def dying_save(path, arr):  # the process dies while writing the 3rd case's label
+        calls["n"] += 1
+        if calls["n"] == 6:
+            raise KeyboardInterrupt("killed")
+        real_save(path, arr)
+
+    monkeypatch.setattr(cache_mod.np, "save", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        for case in info.training:
+            cache_mod._prepare_one(case, info, out, cache_mod.PrepareConfig(), True)
+    monkeypatch.setattr(cache_mod.np, "save", real_save)
+    third = cache_mod.case_dir(out, info.training[2].case_id)
+    assert not third.exists() and not cache_mod.is_complete(third)  # nothing half-written looks done
+    assert cache_mod.is_complete(cache_mod.case_dir(out, info.training[1].case_id))
+    status = prepare(info, out, progress=False, workers=1)
+    assert status == {"done": 4, "skipped": 2, "failed": 0}
+
+
+def test_phantom_is_deterministic(tmp_path):
+    a = write_phantom_dataset(tmp_path / "a", "braintumour", 2, seed=5, workers=1)
+    b = write_phantom_dataset(tmp_path / "b", "braintumour", 2, seed=5, workers=1)
+    c = write_phantom_dataset(tmp_path / "c", "braintumour", 2, seed=6, workers=1)
+    for sub in ("imagesTr/BRATS_001.nii.gz", "labelsTr/BRATS_001.nii.gz"):
+        np.testing.assert_array_equal(load_nifti(a / sub)[0], load_nifti(b / sub)[0])
+    assert not np.array_equal(load_nifti(a / "imagesTr/BRATS_001.nii.gz")[0], load_nifti(c / "imagesTr/BRATS_001.nii.gz")[0])
+    meta = json.loads((a / "dataset.json").read_text())
+    assert meta["labels"]["3"] == "enhancing tumour" and len(meta["modality"]) == 4
+    lab = load_nifti(a / "labelsTr/BRATS_000.nii.gz")[0]
+    assert set(np.unique(lab)) == {0, 1, 2, 3}  # nested regions all present
+
+
+@pytest.mark.parametrize("kind", ["spleen", "braintumour"])
+def test_phantom_same_partition_slices_are_more_similar(tmp_path, kind):
+    root = write_phantom_dataset(tmp_path / kind, kind, 4, seed=1)
+    prepare(load_dataset_json(root), tmp_path / "cache", progress=False, workers=2)
+    c = Cache(tmp_path / "cache")
+    vols = [np.asarray(c.image(i)) for i in c.training]
+    p = 4
+    same, other = [], []
+    for axis in range(3):
+        length = min(v.shape[axis] for v in vols)
+        idx = [int((q + 0.5) * length / p) for q in range(p)]
+
+        def sl(v, q):
+            s = np.take(v, idx[q], axis=axis)[..., 0]
+            t = np.zeros((100, 100), np.float32)  # compare slices on a common canvas
+            t[: s.shape[0], : s.shape[1]] = s[:100, :100]
+            return t.ravel() / (np.linalg.norm(t) + 1e-6)
+
+        for a in range(len(vols)):
+            for b in range(len(vols)):
+                if a != b:
+                    for q in range(p):
+                        same.append(sl(vols[a], q) @ sl(vols[b], q))
+                        other += [sl(vols[a], q) @ sl(vols[b], r) for r in range(p) if r != q]
+    assert np.mean(same) > np.mean(other) + 0.02, (np.mean(same), np.mean(other))
+
+
+def test_pretrain_pipeline_shapes_determinism_and_resume(spleen_cache):
+    cfg = PretrainDataConfig(crop_size=32, sampled_triplets=6)
+    ds = pretrain_dataset(spleen_cache, spleen_cache.training, cfg, seed=7)
+    e = ds[3]
+    assert e["image"].shape == (4, 32, 32, 32, 1) and e["offset_u"].shape == (3, 4)
+    assert e["triplets"].shape == (3, 6, 4)
+    t = e["triplets"]
+    assert (t[..., 0] != t[..., 1]).all() and (t[..., 2] != t[..., 3]).all()
+    assert (e["offset_u"] == e["offset_u"][:, :1]).all()  # shared offset by default
+    again = pretrain_dataset(spleen_cache, spleen_cache.training, cfg, seed=7)[3]
+    np.testing.assert_array_equal(again["image"], e["image"])
+    it1 = make_iterator(ds, num_threads=1)
+    first = [next(it1) for _ in range(3)]
+    state = it1.get_state()
+    rest = [next(it1)["image"] for _ in range(2)]
+    it2 = make_iterator(pretrain_dataset(spleen_cache, spleen_cache.training, cfg, seed=7), num_threads=3)
+    it2.set_state(state)
+    for want in rest:
+        np.testing.assert_array_equal(next(it2)["image"], want)  # thread count does not matter
+    np.testing.assert_array_equal(first[0]["image"], ds[0]["image"])
+
+
+def test_finetune_pipeline_balanced_crops_and_epochs(spleen_cache):
+    ids = spleen_cache.training[:3]
+    cfg = FinetuneDataConfig(crop_size=24, crops_per_volume=4, flip_prob=0, rot90_prob=0)
+    ds = finetune_dataset(spleen_cache, ids, cfg, seed=1)
+    e = ds[0]
+    assert e["image"].shape == (4, 24, 24, 24, 1) and e["label"].shape == (4, 24, 24, 24)
+    has_fg = np.mean([(lab > 0).any() for k in range(20) for lab in ds[k]["label"]])
+    assert has_fg >= 0.5  # at least the positive half of the crops holds foreground
+    pos_only = finetune_dataset(spleen_cache, ids, FinetuneDataConfig(crop_size=24, pos_fraction=1.0), seed=1)
+    assert all((lab > 0).any() for k in range(10) for lab in pos_only[k]["label"])
+    it = make_iterator(ds, num_threads=2)
+    s0 = [next(it)["image"] for _ in range(2)]
+    st = it.get_state()
+    nxt = next(it)["image"]
+    it2 = make_iterator(finetune_dataset(spleen_cache, ids, cfg, seed=1), num_threads=1)
+    it2.set_state(st)
+    np.testing.assert_array_equal(next(it2)["image"], nxt)
+    assert s0[0].shape == nxt.shape
+
+
+def test_splits_and_label_budget():
+    ids = [f"c{i:02d}" for i in range(20)]
+    s = split_cases(ids, 0.2, 0.2, seed=0)
+    assert len(s["test"]) == 4 and len(s["val"]) == 4 and len(s["train"]) == 12
+    assert not set(s["test"]) & set(s["train"]) and not set(s["val"]) & set(s["train"])
+    assert split_cases(ids, 0.2, 0.2, seed=0) == s
+    b2, b5 = label_budget(s["train"], 2, seed=0), label_budget(s["train"], 5, seed=0)
+    assert b5[:2] == b2 and len(label_budget(s["train"], None, seed=0)) == 12
