@@ -1,0 +1,37 @@
+"""Flags shared by the entry points: --config picks a preset; every Config field is a flag."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from absl import flags
+
+from jaxseg.config import PRESETS, Config, get_config
+from jaxseg.train.sharding import initialize_distributed
+
+FLAGS = flags.FLAGS
+flags.DEFINE_enum("config", "small", sorted(PRESETS), "preset: tiny (tests), small (CPU demo), paper")
+flags.DEFINE_string("workdir", "runs/default", "work dir: data cache, checkpoints, metrics, figures")
+flags.DEFINE_bool("progress", True, "progress bars")
+flags.DEFINE_string("coordinator", None, "multi-host: coordinator address host:port")
+flags.DEFINE_integer("num_processes", None, "multi-host: number of processes")
+flags.DEFINE_integer("process_id", None, "multi-host: this process's id")
+for _f in dataclasses.fields(Config):
+    _kind = {bool: flags.DEFINE_bool, int: flags.DEFINE_integer, float: flags.DEFINE_float}.get(
+        type(_f.default), flags.DEFINE_string)
+    _kind(_f.name, None, f"override the preset's {_f.name}")
+
+
+def config_from_flags() -> Config:
+    import os
+
+    import jax
+    from absl import logging
+
+    logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+    # Identical programs (each fine-tuning run, each evaluation) compile once per machine.
+    jax.config.update("jax_compilation_cache_dir", os.path.join(FLAGS.workdir, ".jax_cache"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    initialize_distributed(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id)
+    overrides = {f.name: FLAGS[f.name].value for f in dataclasses.fields(Config) if FLAGS[f.name].value is not None}
+    return get_config(FLAGS.config, **overrides)

@@ -1,0 +1,23 @@
+"""Supervised fine-tuning (optionally from a pre-trained params.msgpack).
+
+    python -m experiments.finetune --config=small --workdir=runs/demo --init=runs/demo/pretrain/params.msgpack
+"""
+
+from absl import app, flags
+
+from experiments.common import FLAGS, config_from_flags
+from jaxseg.train.run import run_finetuning
+
+flags.DEFINE_string("init", None, "params.msgpack to start from (default: random init)")
+flags.DEFINE_string("out_name", "finetune", "output folder inside the work dir")
+
+
+def main(argv):
+    del argv
+    _, summary = run_finetuning(config_from_flags(), FLAGS.workdir, init=FLAGS.init, out_name=FLAGS.out_name,
+                                progress=FLAGS.progress)
+    print(f"fine-tuning: best validation Dice {summary['best']['val_dice']:.3f} at step {summary['best']['step']}")
+
+
+if __name__ == "__main__":
+    app.run(main)

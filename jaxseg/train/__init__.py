@@ -1,0 +1,1 @@
+"""Training: state and freezing, pre-training and fine-tuning steps, the loop, checkpoints, sharding."""

@@ -1,0 +1,177 @@
+"""Whole jobs: data preparation, staged pre-training, fine-tuning (the experiments call these)."""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxseg.config import Config
+from jaxseg.data import (Cache, FinetuneDataConfig, PrepareConfig, PretrainDataConfig, finetune_dataset,
+                         label_budget, load_dataset_json, make_iterator, prepare, pretrain_dataset, split_cases,
+                         write_phantom_dataset)
+from jaxseg.models import unetr_from_preset
+from jaxseg.models.unetr import UNETR
+from jaxseg.train.checkpoint import check_workdir, load_params, save_params
+from jaxseg.train.finetune import dice_per_class, make_finetune_step, predict_volume
+from jaxseg.train.loop import converged, run_loop
+from jaxseg.train.pretrain import make_pretrain_step, pretrain_state
+from jaxseg.train.sharding import data_mesh, replicate, shard_batch
+from jaxseg.train.state import create_state, make_optimizer
+
+
+def ensure_data(cfg: Config, workdir: Path, progress: bool = True) -> tuple[Cache, dict[str, list[str]]]:
+    """The cache for ``cfg`` (a phantom dataset when ``cfg.data_dir`` is empty) and its seeded
+    train / val / test split."""
+    workdir = Path(workdir)
+    data_dir = Path(cfg.data_dir) if cfg.data_dir else workdir / f"phantom_{cfg.phantom}"
+    if not cfg.data_dir and not (data_dir / "dataset.json").is_file():
+        write_phantom_dataset(data_dir, cfg.phantom, cfg.phantom_subjects, seed=cfg.seed)
+    cache_dir = workdir / "cache"
+    if not (cache_dir / "cache.json").is_file() or cfg.data_dir:
+        prepare(load_dataset_json(data_dir), cache_dir, PrepareConfig(target_spacing=(cfg.target_spacing,) * 3),
+                progress=progress)
+    cache = Cache(cache_dir)
+    split = split_cases(cache.training, cfg.val_fraction, cfg.test_fraction, cfg.seed)
+    if len(split["train"]) < 2:
+        raise ValueError(f"need at least 2 training cases after the split, got {len(split['train'])}")
+    (workdir / "split.json").write_text(json.dumps(split, indent=1))
+    return cache, split
+
+
+def make_model(cfg: Config, cache: Cache) -> UNETR:
+    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[cfg.dtype]
+    return unetr_from_preset(cfg.model, in_channels=cache.num_channels, out_channels=cache.num_classes,
+                             img_size=cfg.crop_size, dtype=dtype)
+
+
+def init_params(model: UNETR, cfg: Config) -> Any:
+    x = jnp.zeros((1, *(cfg.crop_size,) * 3, model.in_channels))
+    return jax.jit(model.init)(jax.random.key(cfg.seed), x)
+
+
+def _job_setup(cfg: Config, workdir, out_name: str, progress: bool):
+    """(root, cache, split, output dir, model, freshly initialised params) for one job."""
+    root = check_workdir(workdir)
+    cache, split = ensure_data(cfg, root, progress)
+    model = make_model(cfg, cache)
+    return root, cache, split, check_workdir(root / out_name), model, init_params(model, cfg)
+
+
+def run_pretraining(cfg: Config, workdir: str | Path, out_name: str = "pretrain",
+                    progress: bool = True) -> tuple[Any, dict]:
+    """Stage 1 (enc4 features) then stage 2 (decoder outputs), each until convergence or its step
+    limit, resuming if a run was interrupted. Data and cache live in ``workdir``; outputs in
+    ``workdir/out_name``: ``params.msgpack``, per-stage metrics and summaries,
+    ``pretrain_loss.png``. Returns (params, summary)."""
+    _, cache, split, workdir, model, params = _job_setup(cfg, workdir, out_name, progress)
+    mesh = data_mesh()
+    multilabel = cache.regions is not None
+    dcfg = PretrainDataConfig(crop_size=cfg.crop_size, volumes_per_step=cfg.volumes_per_step,
+                              crops_per_volume=cfg.crops_per_volume, num_partitions=cfg.num_partitions,
+                              shared_offset=cfg.shared_offset,
+                              sampled_triplets=cfg.sampled_triplets if cfg.objective == "comparative_sampled" else 0)
+    summaries = {}
+    for stage_idx, (stage, steps) in enumerate((("feat", cfg.stage1_steps), ("recon", cfg.stage2_steps))):
+        state, tx = pretrain_state(model, params, cfg, stage)
+        ds = pretrain_dataset(cache, split["train"], dcfg, seed=cfg.seed * 1000 + stage_idx)
+        state, summary = run_loop(
+            name=f"pretrain_{stage}", workdir=workdir / stage, state=replicate(state, mesh),
+            step_fn=make_pretrain_step(model, tx, cfg, stage, multilabel),
+            data_iter=make_iterator(ds, cfg.data_threads), num_steps=steps,
+            prepare_batch=functools.partial(shard_batch, mesh=mesh),
+            crops_per_step=cfg.volumes_per_step * cfg.crops_per_volume, ckpt_every=cfg.ckpt_every,
+            should_stop=functools.partial(converged, window=cfg.convergence_window, rtol=cfg.convergence_rtol),
+            progress=progress)
+        params = state.params
+        summaries[stage] = summary
+    save_params(workdir / "params.msgpack", params)
+    total = {"objective": cfg.objective, "stages": summaries,
+             "train_s": sum(s["train_s"] for s in summaries.values()),
+             "compile_s": sum(s["compile_s"] or 0.0 for s in summaries.values()),
+             "steps": sum(s["end_step"] for s in summaries.values())}
+    (workdir / "pretrain_summary.json").write_text(json.dumps(total, indent=1))
+    from jaxseg.evaluate import plot_loss_curves
+
+    plot_loss_curves({f"{cfg.objective} {s}": workdir / s / "metrics.jsonl" for s in summaries},
+                     workdir / "pretrain_loss.png")
+    return params, total
+
+
+def validation_dice(model: UNETR, params, cache: Cache, case_ids, cfg: Config) -> float:
+    multilabel = cache.regions is not None
+    scores = []
+    for cid in case_ids:
+        pred = predict_volume(model, params, np.asarray(cache.image(cid)), cfg.crop_size, cfg.sw_batch_size,
+                              cfg.overlap, multilabel)
+        truth = np.asarray(cache.label(cid))
+        if multilabel:
+            from jaxseg.data.preprocess import label_channels
+
+            truth = label_channels(truth, cache.regions)
+        scores += dice_per_class(pred, truth, cache.num_classes, multilabel)
+    vals = [s for s in scores if not math.isnan(s)]
+    return float(np.mean(vals)) if vals else float("nan")
+
+
+def run_finetuning(cfg: Config, workdir: str | Path, init: str | Path | None = None,
+                   out_name: str = "finetune", progress: bool = True) -> tuple[Any, dict]:
+    """Dice+CE fine-tuning from random init or ``init`` (a params.msgpack), on the first
+    ``cfg.label_budget`` labelled training cases (all when 0); validation Dice every
+    ``cfg.eval_every`` steps keeps the best parameters in ``best.msgpack`` (never the test
+    set). Data in ``workdir``, outputs in ``workdir/out_name``. Returns (best params, summary)."""
+    _, cache, split, workdir, model, params = _job_setup(cfg, workdir, out_name, progress)
+    mesh = data_mesh()
+    if init:
+        params = load_params(init, params)
+    multilabel = cache.regions is not None
+    ids = label_budget(split["train"], cfg.label_budget or None, cfg.seed)
+    dcfg = FinetuneDataConfig(crop_size=cfg.crop_size, volumes_per_step=cfg.finetune_volumes_per_step,
+                              crops_per_volume=cfg.finetune_crops_per_volume)
+    tx = make_optimizer(cfg.lr, cfg.weight_decay)
+    state = replicate(create_state(params, tx), mesh)
+    best_path, best_json = workdir / "best.msgpack", workdir / "best.json"
+    best = json.loads(best_json.read_text()) if best_json.is_file() else {"val_dice": -1.0, "step": 0}
+
+    def evaluate(state, step):
+        d = validation_dice(model, state.params, cache, split["val"], cfg)
+        if d > best["val_dice"] or not best_path.exists():
+            best.update(val_dice=d, step=step)
+            save_params(best_path, state.params)
+            best_json.write_text(json.dumps(best))
+        return {"val_dice": d}
+
+    ds = finetune_dataset(cache, ids, dcfg, seed=cfg.seed)
+    state, summary = run_loop(
+        name="finetune", workdir=workdir, state=state, step_fn=make_finetune_step(model, tx, multilabel),
+        data_iter=make_iterator(ds, cfg.data_threads), num_steps=cfg.finetune_steps,
+        prepare_batch=functools.partial(shard_batch, mesh=mesh),
+        crops_per_step=cfg.finetune_volumes_per_step * cfg.finetune_crops_per_volume,
+        ckpt_every=cfg.ckpt_every, evaluate=evaluate if split["val"] else None, eval_every=cfg.eval_every,
+        progress=progress)
+    if not best_path.exists():
+        save_params(best_path, state.params)
+    summary.update(best=best, label_cases=ids)
+    (workdir / "finetune_summary.json").write_text(json.dumps(summary, indent=1))
+    return load_params(best_path, state.params), summary
+
+
+def run_evaluation(cfg: Config, workdir: str | Path, params_path: str | Path, out_name: str = "eval",
+                   split_name: str = "test", progress: bool = True) -> dict:
+    """Evaluate ``params_path`` on the held-out ``split_name`` cases of ``workdir``'s data."""
+    from jaxseg.evaluate import evaluate_cases
+
+    _, cache, split, out, model, params = _job_setup(cfg, workdir, out_name, progress)
+    params = load_params(params_path, params)
+    multilabel = cache.regions is not None
+
+    def predict(image):
+        return predict_volume(model, params, image, cfg.crop_size, cfg.sw_batch_size, cfg.overlap, multilabel)
+
+    return evaluate_cases(predict, cache, split[split_name], out, progress=progress)
