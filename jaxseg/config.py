@@ -1,6 +1,6 @@
 """Experiment configuration: one frozen dataclass with named presets.
 
-``tiny``: tests (32^3 crops, 2-layer ViT); ``small``: the CPU demo (64^3, 4 layers); ``paper``:
+``tiny``: tests (32^3 crops, 2-layer ViT); ``small``: the CPU demo (32^3 crops at 2 mm, 4 layers); ``paper``:
 the paper's sizes (UNETR full size, 96^3 spleen crops, P = 4, 10,000 steps, 25,000 fine-tuning
 steps). Experiments select one with ``--config`` and override single fields with flags.
 """
@@ -60,8 +60,8 @@ class Config:
 PRESETS: dict[str, Config] = {
     "tiny": Config(model="tiny", crop_size=32, phantom_subjects=8, stage1_steps=3, stage2_steps=3,
                    finetune_steps=4, eval_every=2, ckpt_every=2, sampled_triplets=8),
-    "small": Config(model="small", crop_size=64, phantom_subjects=24, stage1_steps=60, stage2_steps=60,
-                    finetune_steps=150, eval_every=50, ckpt_every=25, lr=3e-4),
+    "small": Config(model="small", crop_size=32, target_spacing=2.0, phantom_subjects=16, stage1_steps=40,
+                    stage2_steps=20, finetune_steps=400, eval_every=100, ckpt_every=50, lr=1e-3),
     "paper": Config(model="paper", crop_size=96),
 }
 

@@ -87,3 +87,21 @@ def test_table1_main_job_tiny(tmp_path):
     res = json.loads((wd / "table1.json").read_text())
     assert {r["init"] for r in res["rows"]} == {"none", "comparative"}
     assert res["pretraining"]["comparative"]["train_s"] > 0 and (wd / "pretrain_loss.png").is_file()
+
+
+def test_pretrain_throughput_and_inference_benchmarks(tmp_path):
+    path = tmp_path / "pt.json"
+    out = run_module("benchmarks.pretrain_throughput", "--preset=tiny", "--crop_size=32", "--steps=2", "--warmup=0",
+                     "--objectives=comparative,comparative_sampled,contrastive", "--stages=feat",
+                     f"--work_dir={tmp_path / 'w'}", f"--json_out={path}")
+    rows = json.loads(path.read_text())["rows"]
+    assert len(rows) == 6 and all(r["median_s"] > 0 and r["compile_s"] > 0 for r in rows)
+    path = tmp_path / "conv.json"
+    run_module("benchmarks.pretrain_throughput", "--mode=convergence", "--preset=tiny", "--max_steps=14",
+               f"--work_dir={tmp_path / 'w'}", f"--json_out={path}")
+    conv = json.loads(path.read_text())["convergence"]
+    assert conv["comparative"]["steps"] >= 2 and conv["ratio_contrastive_over_comparative_wall"] > 0
+    path = tmp_path / "inf.json"
+    run_module("benchmarks.inference", "--preset=tiny", "--roi=32", "--cases=a:40x36x33x2x3", "--repeats=1",
+               "--against=none", f"--json_out={path}")
+    assert json.loads(path.read_text())["rows"][0]["median_s"] > 0

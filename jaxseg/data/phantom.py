@@ -33,7 +33,7 @@ _CT_ORGANS = [
     ("aorta", (-2, -13, 0), (4, 4, 200), 125.0),
     ("spine", (0, -25, 0), (6.5, 6.5, 200), 420.0),
 ]
-_SPLEEN = ((21, -7, 10), (9, 7, 12), 50.0)
+_SPLEEN = ((21, -7, 10), (9, 7, 12), 75.0)  # contrast-enhanced, brighter than liver
 # Per channel (FLAIR, T1w, T1gd, T2w), arbitrary MR units.
 _MR = {
     "scalp": (0.30, 0.85, 0.85, 0.40), "wm": (0.45, 0.78, 0.78, 0.35), "gm": (0.58, 0.56, 0.58, 0.58),
