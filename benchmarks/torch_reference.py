@@ -104,7 +104,7 @@ def make_step(net, opt, objective: str, stage: str, impl: str, num_partitions: i
             loss = loss_fn(partition_slices(features(x), axis, offsets[axis]), temperature)
             loss.backward()
             opt.step()
-            out += float(loss)
+            out += loss.item()
         return out / 3
 
     return step
