@@ -79,10 +79,10 @@ def overlay_png(image, truth, pred, multilabel: bool, path: Path, title: str = "
     z = int(np.argmax(fg_t.sum((0, 1)))) if fg_t.any() else image.shape[2] // 2
     img = image[:, :, z, 0].T
     t = truth[:, :, z].T
+    # Multi-label predictions (TC/WT/ET) are shown as their union, like the label map's foreground.
     p = (pred[:, :, z].max(-1) if multilabel else pred[:, :, z]).T
-    t_lab = t if not multilabel else t
     fig, axes = plt.subplots(1, 3, figsize=(10, 3.6))
-    for ax, lab, name in zip(axes, (None, t_lab, p), ("image", "ground truth", "prediction")):
+    for ax, lab, name in zip(axes, (None, t, p), ("image", "ground truth", "prediction")):
         ax.imshow(img, cmap="gray", origin="lower")
         if lab is not None:
             ax.imshow(np.ma.masked_equal(lab, 0), cmap="autumn", alpha=0.5, origin="lower", vmin=0, vmax=max(1, lab.max()))

@@ -8,6 +8,7 @@ never leaves a folder that looks complete; re-running skips complete, readable c
 from __future__ import annotations
 
 import concurrent.futures as cf
+import multiprocessing as mp
 import dataclasses
 import json
 import os
@@ -97,7 +98,8 @@ def prepare(info: DatasetInfo, out_dir: str | Path, cfg: PrepareConfig = Prepare
     from tqdm import tqdm
 
     bar = tqdm(total=len(jobs), desc="prepare", unit="case", disable=not progress)
-    with cf.ProcessPoolExecutor(workers) as pool:
+    # spawn, not fork: forking a process that runs JAX threads can deadlock.
+    with cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
         futures = [pool.submit(_prepare_one, c, info, out_dir, cfg, req) for c, req in jobs]
         for fut in cf.as_completed(futures):
             state, probs = fut.result()

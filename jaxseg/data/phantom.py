@@ -14,6 +14,7 @@ reorientation and resampling are exercised. Deterministic from a seed.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import multiprocessing as mp
 import json
 from pathlib import Path
 from typing import Sequence
@@ -183,7 +184,7 @@ def write_phantom_dataset(out_dir: str | Path, kind: str = "spleen", n_subjects:
         else:
             jobs.append((kind, seed, i, tuple(shape), tuple(spacing), out / "imagesTs" / name, None))
             test.append(f"./imagesTs/{name}")
-    with cf.ProcessPoolExecutor(max(1, workers)) as pool:
+    with cf.ProcessPoolExecutor(max(1, workers), mp_context=mp.get_context("spawn")) as pool:
         list(pool.map(_write_subject, jobs))
     meta = {**_META[kind], "tensorImageSize": "4D" if kind == "braintumour" else "3D",
             "numTraining": n_subjects, "numTest": n_test, "training": training, "test": test}

@@ -16,6 +16,8 @@ from jaxseg.config import Config
 from jaxseg.data import (Cache, FinetuneDataConfig, PrepareConfig, PretrainDataConfig, finetune_dataset,
                          label_budget, load_dataset_json, make_iterator, prepare, pretrain_dataset, split_cases,
                          write_phantom_dataset)
+from jaxseg.data.preprocess import label_channels
+from jaxseg.evaluate import evaluate_cases, plot_loss_curves
 from jaxseg.models import unetr_from_preset
 from jaxseg.models.unetr import UNETR
 from jaxseg.train.checkpoint import check_workdir, load_params, save_params
@@ -97,8 +99,6 @@ def run_pretraining(cfg: Config, workdir: str | Path, out_name: str = "pretrain"
              "compile_s": sum(s["compile_s"] or 0.0 for s in summaries.values()),
              "steps": sum(s["end_step"] for s in summaries.values())}
     (workdir / "pretrain_summary.json").write_text(json.dumps(total, indent=1))
-    from jaxseg.evaluate import plot_loss_curves
-
     plot_loss_curves({f"{cfg.objective} {s}": workdir / s / "metrics.jsonl" for s in summaries},
                      workdir / "pretrain_loss.png")
     return params, total
@@ -112,8 +112,6 @@ def validation_dice(model: UNETR, params, cache: Cache, case_ids, cfg: Config) -
                               cfg.overlap, multilabel)
         truth = np.asarray(cache.label(cid))
         if multilabel:
-            from jaxseg.data.preprocess import label_channels
-
             truth = label_channels(truth, cache.regions)
         scores += dice_per_class(pred, truth, cache.num_classes, multilabel)
     vals = [s for s in scores if not math.isnan(s)]
@@ -165,8 +163,6 @@ def run_finetuning(cfg: Config, workdir: str | Path, init: str | Path | None = N
 def run_evaluation(cfg: Config, workdir: str | Path, params_path: str | Path, out_name: str = "eval",
                    split_name: str = "test", progress: bool = True) -> dict:
     """Evaluate ``params_path`` on the held-out ``split_name`` cases of ``workdir``'s data."""
-    from jaxseg.evaluate import evaluate_cases
-
     _, cache, split, out, model, params = _job_setup(cfg, workdir, out_name, progress)
     params = load_params(params_path, params)
     multilabel = cache.regions is not None
