@@ -61,7 +61,7 @@ PRESETS: dict[str, Config] = {
     "tiny": Config(model="tiny", crop_size=32, phantom_subjects=8, stage1_steps=3, stage2_steps=3,
                    finetune_steps=4, eval_every=2, ckpt_every=2, sampled_triplets=8),
     "small": Config(model="small", crop_size=32, target_spacing=2.0, phantom_subjects=16, stage1_steps=40,
-                    stage2_steps=20, finetune_steps=400, eval_every=100, ckpt_every=50, lr=1e-3),
+                    stage2_steps=20, finetune_steps=300, eval_every=100, ckpt_every=50, lr=1e-3),
     "paper": Config(model="paper", crop_size=96),
 }
 
