@@ -90,10 +90,13 @@ def test_killed_and_resumed_run_equals_uninterrupted(cache, tmp_path):
     _run(tmp_path / "b", state0, step, ds, 3)  # checkpoints at 2 and 3
     ckpt = Checkpointer(tmp_path / "b" / "checkpoints")
     ckpt.manager.delete(3)  # killed after step 3 ran but before it was saved
+    _, saved = ckpt.restore(_setup(cache, CFG, "recon")[1], None)
     ckpt.close()
+    assert saved["train_s"] > 0
     _, fresh, step, ds = _setup(cache, CFG, "recon")
     resumed, summary = _run(tmp_path / "b", fresh, step, ds, 5)
     assert summary["start_step"] == 2 and int(resumed.step) == 5
+    assert summary["train_s"] > saved["train_s"]  # earlier runs' training time is carried over
     for k, v in _flat(full.params).items():
         np.testing.assert_array_equal(_flat(resumed.params)[k], v, err_msg=k)
     lines = (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()

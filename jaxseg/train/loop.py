@@ -27,7 +27,8 @@ def run_loop(*, name: str, workdir: Path, state: Any, step_fn: Callable, data_it
              evaluate: Callable[[Any, int], dict] | None = None, eval_every: int = 0,
              progress: bool = True) -> tuple[Any, dict]:
     """Run ``step_fn(state, batch) -> (state, metrics with 'loss')`` up to ``num_steps`` total
-    steps, resuming from ``workdir/checkpoints`` if present. Returns (state, summary)."""
+    steps, resuming from ``workdir/checkpoints`` if present. Returns (state, summary);
+    ``train_s`` counts training time across resumed runs (eval and checkpoint time excluded)."""
     workdir = Path(workdir)
     ckpt = Checkpointer(workdir / "checkpoints")
     history: list[float] = []
@@ -36,6 +37,7 @@ def run_loop(*, name: str, workdir: Path, state: Any, step_fn: Callable, data_it
     if restored is not None:
         state, extra = restored
         history = list(extra.get("history", []))
+    prior_train_s = float(extra.get("train_s", 0.0))  # training time of earlier (killed) runs
     start = int(jax.device_get(state.step))
     metrics_path = workdir / "metrics.jsonl"
     step_times, data_waits, compile_s = [], [], None
@@ -75,7 +77,9 @@ def run_loop(*, name: str, workdir: Path, state: Any, step_fn: Callable, data_it
             if evaluate is not None and eval_every and (step % eval_every == 0 or step == num_steps):
                 rec.update(evaluate(state, step))
             if step % ckpt_every == 0 or step == num_steps or converged_at is not None:
-                ckpt.save(step, state, data_iter, {"history": history, "converged_at": converged_at})
+                trained = prior_train_s + (te - wall_start) - excluded
+                ckpt.save(step, state, data_iter, {"history": history, "converged_at": converged_at,
+                                                   "train_s": trained})
             excluded += time.perf_counter() - te
             log.write(json.dumps(rec) + "\n")
             log.flush()
@@ -88,7 +92,7 @@ def run_loop(*, name: str, workdir: Path, state: Any, step_fn: Callable, data_it
     total = time.perf_counter() - wall_start
     summary = {
         "name": name, "start_step": start, "end_step": step, "converged_at": converged_at,
-        "compile_s": compile_s, "wall_s": total, "train_s": total - excluded,
+        "compile_s": compile_s, "wall_s": total, "train_s": prior_train_s + total - excluded,
         "median_step_s": statistics.median(step_times) if step_times else None,
         "median_data_wait_s": statistics.median(data_waits) if data_waits else None,
         "crops_per_s": crops_per_step / statistics.median(step_times) if step_times else None,
