@@ -248,6 +248,8 @@ def test_finetune_pipeline_balanced_crops_and_epochs(spleen_cache):
     it2.set_state(st)
     np.testing.assert_array_equal(next(it2)["image"], nxt)
     assert s0[0].shape == nxt.shape
+    order = [int(ds[k]["volume"][0]) for k in range(6)]  # 3 cases, 1 volume per step
+    assert sorted(order[:3]) == [0, 1, 2] and sorted(order[3:]) == [0, 1, 2]
 
 
 def test_splits_and_label_budget():

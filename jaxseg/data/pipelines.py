@@ -89,11 +89,12 @@ def _finetune_element(vols: _Volumes, cfg: FinetuneDataConfig, regions, k: int,
                       rng: np.random.Generator) -> dict:
     n = len(vols.ids)
     size = (cfg.crop_size,) * 3
-    images, labels = [], []
+    images, labels, chosen = [], [], []
     for slot in range(cfg.volumes_per_step):
         flat = k * cfg.volumes_per_step + slot  # epoch-wise permutations: every case once per epoch
         epoch, pos = divmod(flat, n)
         v = int(_epoch_order(vols, epoch)[pos])
+        chosen.append(v)
         img, lab = vols.images[v], vols.labels[v]
         lab_arr = np.asarray(lab)
         fg = np.argwhere(lab_arr > 0)
@@ -109,7 +110,7 @@ def _finetune_element(vols: _Volumes, cfg: FinetuneDataConfig, regions, k: int,
                              shift_prob=cfg.shift_prob)
             images.append(ci)
             labels.append(label_channels(cl, regions) if regions else cl.astype(np.int32))
-    return {"image": np.stack(images), "label": np.stack(labels)}
+    return {"image": np.stack(images), "label": np.stack(labels), "volume": np.asarray(chosen, np.int32)}
 
 
 def _random_voxel(rng, mask):
@@ -135,8 +136,9 @@ def pretrain_dataset(cache: Cache, case_ids: Sequence[str], cfg: PretrainDataCon
 
 def finetune_dataset(cache: Cache, case_ids: Sequence[str], cfg: FinetuneDataConfig, seed: int) -> grain.MapDataset:
     """Element k: ``image`` (V*Cv, S, S, S, C) and ``label``: integer (V*Cv, S, S, S) for
-    softmax tasks, multi-hot (V*Cv, S, S, S, 3) TC/WT/ET for BraTS-like caches. Volumes follow
-    a seeded permutation per epoch; crop centres are foreground / background 1:1."""
+    softmax tasks, multi-hot (V*Cv, S, S, S, 3) TC/WT/ET for BraTS-like caches, and ``volume``
+    (V,) the case indices used. Volumes follow a seeded permutation per epoch (every case once
+    per epoch); crop centres are foreground / background 1:1."""
     vols = _Volumes(cache, case_ids, labels=True, order_seed=seed)
     return grain.MapDataset.range(_MAX_STEPS).random_map(
         lambda k, rng: _finetune_element(vols, cfg, cache.regions, k, rng), seed=seed)
