@@ -1,7 +1,7 @@
 """Sliding-window inference for channels-last volumes (MONAI's ``sliding_window_inference``).
 
-The predictor runs jitted on fixed-shape window batches (the last batch is padded, so nothing
-retraces); weighted predictions are accumulated on the device by a small jitted update whose
+The predictor runs on fixed-shape window batches (the last batch is padded, so a jitted
+predictor never retraces); weighted predictions are accumulated on the device by a small jitted update whose
 only shape dependence is the image size.
 """
 
@@ -69,9 +69,10 @@ def sliding_window_inference(predict_fn: Callable[[jax.Array], jax.Array], image
     """Predict a whole volume from overlapping windows.
 
     image: ``(B, D, H, W, C)``; predict_fn maps ``(sw_batch_size, *roi_size, C)`` to
-    ``(sw_batch_size, *roi_size, K)`` (jit it yourself or pass ``model.apply`` partially applied:
-    it is jitted here). Images smaller than the ROI are zero-padded symmetrically and the result
-    cropped back. Returns float32 ``(B, D, H, W, K)``.
+    ``(sw_batch_size, *roi_size, K)`` and is called as given: pass a jitted function (e.g.
+    ``lambda w: jitted_apply(params, w)``); the window batch shape is fixed, so it compiles once.
+    Images smaller than the ROI are zero-padded symmetrically and the result cropped back.
+    Returns float32 ``(B, D, H, W, K)``.
     """
     image = np.asarray(image)
     if image.ndim != 5:
@@ -88,14 +89,13 @@ def sliding_window_inference(predict_fn: Callable[[jax.Array], jax.Array], image
     starts_padded = np.concatenate([starts, np.repeat(starts[-1:], total - n_win, 0)])
     valid = (np.arange(total) < n_win).astype(np.float32)
     weight = jnp.asarray(importance_map(roi, mode, sigma_scale))
-    predict = jax.jit(predict_fn) if not hasattr(predict_fn, "lower") else predict_fn
     outs = []
     for b in range(padded.shape[0]):
         out = count = None
         for k in range(n_batches):
             sl = starts_padded[k * sw_batch_size:(k + 1) * sw_batch_size]
             windows = np.stack([padded[b, s[0]:s[0] + roi[0], s[1]:s[1] + roi[1], s[2]:s[2] + roi[2]] for s in sl])
-            preds = predict(jnp.asarray(windows))
+            preds = predict_fn(jnp.asarray(windows))
             if out is None:
                 out = jnp.zeros((*psize, preds.shape[-1]), jnp.float32)
                 count = jnp.zeros(psize, jnp.float32)

@@ -104,11 +104,12 @@ def run_pretraining(cfg: Config, workdir: str | Path, out_name: str = "pretrain"
     return params, total
 
 
-def validation_dice(model: UNETR, params, cache: Cache, case_ids, cfg: Config) -> float:
+def validation_dice(apply_fn, params, cache: Cache, case_ids, cfg: Config) -> float:
+    """Mean foreground Dice over ``case_ids``; ``apply_fn`` is ``jax.jit(model.apply)``."""
     multilabel = cache.regions is not None
     scores = []
     for cid in case_ids:
-        pred = predict_volume(model, params, np.asarray(cache.image(cid)), cfg.crop_size, cfg.sw_batch_size,
+        pred = predict_volume(apply_fn, params, np.asarray(cache.image(cid)), cfg.crop_size, cfg.sw_batch_size,
                               cfg.overlap, multilabel)
         truth = np.asarray(cache.label(cid))
         if multilabel:
@@ -137,8 +138,10 @@ def run_finetuning(cfg: Config, workdir: str | Path, init: str | Path | None = N
     best_path, best_json = workdir / "best.msgpack", workdir / "best.json"
     best = json.loads(best_json.read_text()) if best_json.is_file() else {"val_dice": -1.0, "step": 0}
 
+    apply_fn = jax.jit(model.apply)
+
     def evaluate(state, step):
-        d = validation_dice(model, state.params, cache, split["val"], cfg)
+        d = validation_dice(apply_fn, state.params, cache, split["val"], cfg)
         if d > best["val_dice"] or not best_path.exists():
             best.update(val_dice=d, step=step)
             save_params(best_path, state.params)
@@ -166,8 +169,9 @@ def run_evaluation(cfg: Config, workdir: str | Path, params_path: str | Path, ou
     _, cache, split, out, model, params = _job_setup(cfg, workdir, out_name, progress)
     params = load_params(params_path, params)
     multilabel = cache.regions is not None
+    apply_fn = jax.jit(model.apply)
 
     def predict(image):
-        return predict_volume(model, params, image, cfg.crop_size, cfg.sw_batch_size, cfg.overlap, multilabel)
+        return predict_volume(apply_fn, params, image, cfg.crop_size, cfg.sw_batch_size, cfg.overlap, multilabel)
 
     return evaluate_cases(predict, cache, split[split_name], out, progress=progress)
