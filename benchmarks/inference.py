@@ -1,85 +1,121 @@
-"""Sliding-window inference of whole volumes: jaxseg vs MONAI, same weights (via from_monai),
-same ROI, overlap and window batch; alternated in one process, ratio per pair.
+"""Sliding-window inference of whole volumes: jaxseg vs MONAI on the same device, same weights
+(via from_monai), same ROI, overlap and window batch; alternated in one process, ratio per pair.
 
-    python -m benchmarks.inference --preset=paper --json_out=benchmarks/results_inference_cpu.json
+    python -m benchmarks.inference --preset=paper --dtype=bfloat16 --json_out=benchmarks/results_inference_cpu.json
+
+MONAI runs per dtype (bf16 under torch.autocast) and, on CUDA, per cudnn.benchmark setting;
+ratios are against its faster setting of jaxseg's dtype. TFLOP/s and MFU count the padded
+window batches' forward passes analytically (``jaxseg.models.flops``).
 """
 
 from __future__ import annotations
-
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from benchmarks.timing import machine, summarize, write_json
-from jaxseg.inference import sliding_window_inference
-from jaxseg.models import from_monai, unetr_from_preset
+from benchmarks.timing import (Results, efficiency, jax_peak_mib, monai_unetr, setup, summarize, time_call,
+                               torch_device, torch_mode, torch_modes, torch_sync)
+from jaxseg.inference import sliding_window_inference, window_starts
+from jaxseg.models import from_monai, init_params, unetr_from_preset
+from jaxseg.models.flops import unetr_cost
 
 FLAGS = flags.FLAGS
-flags.DEFINE_enum("preset", "paper", ["tiny", "small", "paper"], "UNETR preset (MONAI comparison needs paper)")
+flags.DEFINE_enum("preset", "paper", ["tiny", "small", "paper"], "UNETR preset (with --against=monai: 12 layers)")
 flags.DEFINE_integer("roi", 96, "ROI (window) size")
 flags.DEFINE_integer("sw_batch_size", 4, "windows per predictor call")
 flags.DEFINE_float("overlap", 0.25, "window overlap")
-flags.DEFINE_integer("repeats", 2, "timed repeats per framework (after one warm-up each)")
+flags.DEFINE_integer("repeats", 2, "timed repeats per variant (after one warm-up each)")
 flags.DEFINE_enum("against", "monai", ["monai", "none"], "reference")
+flags.DEFINE_list("torch_dtypes", ["float32", "bfloat16"], "MONAI dtypes (bfloat16: torch.autocast)")
 flags.DEFINE_list("cases", ["spleen:192x192x192x1x2", "brats:240x240x155x4x3"], "name:DxHxWxCinxCout")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "jaxseg compute dtype")
-flags.DEFINE_string("json_out", None, "write results here")
+flags.DEFINE_string("json_out", None, "write results here (rewritten after every row)")
+
+
+def run_case(spec: str, results: Results) -> None:
+    name, dims = spec.split(":")
+    d, h, w, cin, cout = map(int, dims.split("x"))
+    extra = dict(num_layers=12, patch_size=16) if FLAGS.against == "monai" else {}
+    model = unetr_from_preset(FLAGS.preset, in_channels=cin, out_channels=cout, img_size=FLAGS.roi,
+                              dtype=jnp.bfloat16 if FLAGS.dtype == "bfloat16" else jnp.float32, **extra)
+    x = np.random.default_rng(0).standard_normal((1, d, h, w, cin)).astype(np.float32)
+    variants = {}
+    if FLAGS.against == "monai":
+        import torch
+        from monai.inferers import sliding_window_inference as monai_swi
+
+        net = monai_unetr(model, torch_device()).eval()
+        params = from_monai({k: v.detach().cpu().numpy() for k, v in net.state_dict().items()}, model)
+        xt = torch.from_numpy(np.ascontiguousarray(np.moveaxis(x, -1, 1))).to(torch_device())
+
+        def ref_fn():
+            with torch.no_grad():
+                return monai_swi(xt, FLAGS.roi, FLAGS.sw_batch_size, net, overlap=FLAGS.overlap)
+
+        for dt, bench in torch_modes(FLAGS.torch_dtypes):
+            variants[f"monai {dt} cudnn.benchmark={'on' if bench else 'off'}"] = dict(
+                fn=ref_fn, sync=torch_sync, mode=(dt, bench), dtype=dt)
+    else:
+        params = init_params(model)
+    apply = jax.jit(model.apply)  # params as an argument: compiled once, not embedded as constants
+
+    def ours():
+        return sliding_window_inference(lambda win: apply(params, win), x, FLAGS.roi, FLAGS.sw_batch_size,
+                                        FLAGS.overlap)
+
+    variants = {f"jaxseg {FLAGS.dtype}": dict(fn=ours, sync=jax.block_until_ready, mode=None, dtype=FLAGS.dtype),
+                **variants}
+    for v in variants.values():
+        with torch_mode(*v["mode"]) if v["mode"] else _null():
+            v["first_call_s"] = time_call(v["fn"], v["sync"])
+            v["out"] = np.asarray(v["sync"](v["fn"]()).float().cpu().numpy() if v["mode"] else v["fn"]())
+        v["times"] = []
+    for _ in range(FLAGS.repeats):
+        for v in variants.values():
+            with torch_mode(*v["mode"]) if v["mode"] else _null():
+                v["times"].append(time_call(v["fn"], v["sync"]))
+    n_win = len(window_starts((d, h, w), (FLAGS.roi,) * 3, FLAGS.overlap))
+    padded = -(-n_win // FLAGS.sw_batch_size) * FLAGS.sw_batch_size
+    cost = unetr_cost(model, padded, "forward")
+    jx = variants.pop(f"jaxseg {FLAGS.dtype}")
+    row = {"case": name, "shape": [d, h, w, cin], "out_channels": cout, "windows": n_win, "dtype": FLAGS.dtype,
+           "first_call_s": jx["first_call_s"], **summarize(jx["times"]),
+           **efficiency(cost.flops, cost.bytes, float(np.median(jx["times"]))), "peak_mib": jax_peak_mib()}
+    if variants:
+        row["monai"] = {}
+        for vname, v in variants.items():
+            ref = np.moveaxis(v["out"], 1, -1)
+            row["monai"][vname] = {**summarize(v["times"]), "first_call_s": v["first_call_s"],
+                                   "max_rel_diff": float(np.abs(jx["out"] - ref).max() / np.abs(ref).max())}
+        same = [(n, v) for n, v in variants.items() if v["dtype"] == FLAGS.dtype]
+        if same:
+            best = min(same, key=lambda nv: np.median(nv[1]["times"]))
+            row["ratio_jaxseg_over_monai"] = float(np.median([a / b for a, b in zip(jx["times"], best[1]["times"])]))
+            row["ratio_against"] = best[0]
+    results.add(row)
+    msg = f"{name} {d}x{h}x{w}x{cin} ({n_win} windows): jaxseg {row['median_s'] * 1e3:.1f} ms (first call {jx['first_call_s']:.1f} s)"
+    for vname, m in row.get("monai", {}).items():
+        msg += f" | {vname} {m['median_s'] * 1e3:.1f} ms (max rel diff {m['max_rel_diff']:.1e})"
+    if "ratio_jaxseg_over_monai" in row:
+        msg += f" | ratio {row['ratio_jaxseg_over_monai']:.2f}"
+    print(msg, flush=True)
+
+
+def _null():
+    import contextlib
+
+    return contextlib.nullcontext()
 
 
 def main(argv):
     del argv
-    rows = []
+    setup()
+    results = Results(FLAGS.json_out, flags={k: FLAGS[k].value for k in (
+        "preset", "roi", "sw_batch_size", "overlap", "repeats", "dtype", "against", "torch_dtypes")})
     for spec in FLAGS.cases:
-        name, dims = spec.split(":")
-        d, h, w, cin, cout = map(int, dims.split("x"))
-        model = unetr_from_preset(FLAGS.preset, in_channels=cin, out_channels=cout, img_size=FLAGS.roi,
-                                  dtype=jnp.bfloat16 if FLAGS.dtype == "bfloat16" else jnp.float32)
-        x = np.random.default_rng(0).standard_normal((1, d, h, w, cin)).astype(np.float32)
-        ref_fn = None
-        if FLAGS.against == "monai" and FLAGS.preset == "paper":
-            import torch
-            from monai.inferers import sliding_window_inference as monai_swi
-            from monai.networks.nets import UNETR
-
-            torch.manual_seed(0)
-            net = UNETR(cin, cout, FLAGS.roi, model.feature_size, model.hidden_size, model.mlp_dim,
-                        model.num_heads).eval()
-            params = from_monai({k: v.numpy() for k, v in net.state_dict().items()}, model)
-            xt = torch.from_numpy(np.ascontiguousarray(np.moveaxis(x, -1, 1)))
-
-            def ref_fn():
-                with torch.no_grad():
-                    return monai_swi(xt, FLAGS.roi, FLAGS.sw_batch_size, net, overlap=FLAGS.overlap)
-        else:
-            params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, *(FLAGS.roi,) * 3, cin)))
-        predict = jax.jit(lambda win: model.apply(params, win))
-
-        def ours():
-            return jax.block_until_ready(sliding_window_inference(predict, x, FLAGS.roi, FLAGS.sw_batch_size,
-                                                                  FLAGS.overlap))
-
-        t0 = time.perf_counter(); out = ours(); first = time.perf_counter() - t0
-        if ref_fn is not None:
-            ref = np.moveaxis(ref_fn().numpy(), 1, -1)
-            rel = float(np.abs(np.asarray(out) - ref).max() / np.abs(ref).max())
-        jt, tt = [], []
-        for _ in range(FLAGS.repeats):
-            t0 = time.perf_counter(); ours(); jt.append(time.perf_counter() - t0)
-            if ref_fn is not None:
-                t0 = time.perf_counter(); ref_fn(); tt.append(time.perf_counter() - t0)
-        row = {"case": name, "shape": [d, h, w, cin], "out_channels": cout, "first_call_s": first, **summarize(jt)}
-        msg = f"{name} {d}x{h}x{w}x{cin}: jaxseg {row['median_s']:.2f}s (first call {first:.1f}s)"
-        if tt:
-            row.update(monai=summarize(tt), ratio_jaxseg_over_monai=float(np.median([a / b for a, b in zip(jt, tt)])),
-                       max_rel_diff=rel)
-            msg += f", MONAI {row['monai']['median_s']:.2f}s, ratio {row['ratio_jaxseg_over_monai']:.2f}, max rel diff {rel:.1e}"
-        print(msg, flush=True)
-        rows.append(row)
-    write_json(FLAGS.json_out, {"machine": machine(), "flags": {k: FLAGS[k].value for k in (
-        "preset", "roi", "sw_batch_size", "overlap", "repeats", "dtype")}, "rows": rows})
+        run_case(spec, results)
 
 
 if __name__ == "__main__":

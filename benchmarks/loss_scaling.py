@@ -13,11 +13,9 @@ from __future__ import annotations
 import functools
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 from absl import app, flags
 
-from benchmarks.timing import machine, summarize, time_call, write_json
+from benchmarks.timing import Results, setup, summarize, time_call
 from jaxseg import losses as L
 
 FLAGS = flags.FLAGS
@@ -49,7 +47,9 @@ def time_point(fn, s, steps):
 
 def main(argv):
     del argv
-    rows = []
+    setup()
+    results = Results(FLAGS.json_out, k=FLAGS.k)
+    rows = results.payload["rows"]
     for stage in FLAGS.stages:
         c, f = STAGES[stage]
         points = [(FLAGS.n_fixed, int(p), "P") for p in FLAGS.partitions]
@@ -58,10 +58,9 @@ def main(argv):
             s = jax.random.normal(jax.random.key(1), (n, p, c, f))
             for name, fn in objectives(n, p, FLAGS.k, FLAGS.temperature).items():
                 r = time_point(fn, s, FLAGS.steps)
-                rows.append({"stage": stage, "sweep": sweep, "N": n, "P": p, "objective": name, **r})
+                results.add({"stage": stage, "sweep": sweep, "N": n, "P": p, "objective": name, **r})
                 print(f"{stage:8s} N={n:3d} P={p:4d} {name:20s} {r['median_s'] * 1e3:9.2f} ms "
                       f"(first call {r['first_call_s']:.2f} s)", flush=True)
-    write_json(FLAGS.json_out, {"machine": machine(), "k": FLAGS.k, "rows": rows})
     if FLAGS.png:
         plot(rows, FLAGS.png)
 

@@ -1,14 +1,16 @@
-"""Time UNETR forward and forward+backward+AdamW: jaxseg and (if installed) MONAI, alternately.
+"""Time UNETR forward and forward+backward+AdamW: jaxseg and MONAI on the same device, alternately.
 
-    python -m benchmarks.model_step --preset=paper --img_size=96 --batch=1 --steps=5
+    python -m benchmarks.model_step --preset=paper --img_size=96 --batch=4 --dtypes=bfloat16,float32 \
+        --against=monai --torch_dtypes=float32,bfloat16
 
-Compile time is reported apart; step times are medians over --steps after --warmup calls; the
-two frameworks run alternately (A B A B ...) in one process so that the ratio is fair.
+Compile time is reported apart (first call); step times are medians over --steps after --warmup
+calls; every variant (jaxseg per compute dtype, MONAI per dtype and cudnn.benchmark setting,
+bf16 under torch.autocast) runs once per round, round after round in one process, so the ratios
+(medians of per-round ratios, against MONAI's faster cudnn setting) are fair. TFLOP/s, MFU and
+the roofline come from the analytic count in ``jaxseg.models.flops``.
 """
 
 from __future__ import annotations
-
-import json
 
 import jax
 import jax.numpy as jnp
@@ -16,22 +18,28 @@ import numpy as np
 import optax
 from absl import app, flags
 
-from benchmarks.timing import machine, summarize, time_call, write_json
-from jaxseg.models import UNETR, count_params, unetr_from_preset
+from benchmarks.timing import (Results, efficiency, jax_peak_mib, monai_unetr, setup, summarize, time_call,
+                               torch_device, torch_mode, torch_modes, torch_peak_mib, torch_sync)
+from jaxseg.models import UNETR, count_params, init_params, unetr_from_preset
+from jaxseg.models.flops import unetr_cost
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("preset", "paper", "UNETR preset: tiny, small, paper")
+flags.DEFINE_string("preset", "paper", "UNETR preset: tiny, small, paper (with --against=monai: 12 layers)")
 flags.DEFINE_integer("img_size", 96, "cubic crop size")
-flags.DEFINE_integer("batch", 1, "batch size")
+flags.DEFINE_integer("batch", 4, "batch size")
 flags.DEFINE_integer("in_channels", 1, "input channels")
 flags.DEFINE_integer("out_channels", 2, "output channels")
-flags.DEFINE_integer("steps", 5, "timed steps per framework")
-flags.DEFINE_integer("warmup", 1, "untimed steps after compilation")
+flags.DEFINE_integer("steps", 10, "timed rounds")
+flags.DEFINE_integer("warmup", 2, "untimed calls after the first (compiling) one")
 flags.DEFINE_enum("against", "monai", ["monai", "none"], "reference to time alongside")
+flags.DEFINE_list("dtypes", ["float32"], "jaxseg compute dtypes (float32, bfloat16)")
+flags.DEFINE_list("torch_dtypes", ["float32", "bfloat16"], "MONAI dtypes (bfloat16: torch.autocast)")
+flags.DEFINE_list("kinds", ["forward", "train_step"], "what to time")
 flags.DEFINE_string("conv_impl", "auto", "jaxseg 3x3x3 conv algorithm: auto, xla, taps2d")
-flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "jaxseg compute dtype")
-flags.DEFINE_string("json_out", None, "write results here")
-flags.DEFINE_bool("breakdown", False, "also time each 3x3x3 conv shape of the model, jaxseg vs torch")
+flags.DEFINE_string("json_out", None, "write results here (rewritten after every row)")
+flags.DEFINE_bool("breakdown", False, "also time each 3x3x3 conv shape of the model, jaxseg vs torch (CPU)")
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 def _loss(logits, onehot):
@@ -39,13 +47,12 @@ def _loss(logits, onehot):
 
 
 def jaxseg_fns(model: UNETR, x, y):
-    params = model.init(jax.random.key(0), x)
+    """(forward, train step) closures over jaxseg's jitted functions, and the parameter count."""
+    params = init_params(model)
     tx = optax.adamw(1e-4, weight_decay=1e-5)
-    opt_state = tx.init(params)
-
-    @jax.jit
-    def forward(params, x):
-        return model.apply(params, x)
+    state = {"params": params, "opt": tx.init(params)}
+    onehot = jax.nn.one_hot(y, model.out_channels)
+    forward = jax.jit(model.apply)
 
     @jax.jit
     def step(params, opt_state, x, y):
@@ -53,29 +60,20 @@ def jaxseg_fns(model: UNETR, x, y):
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
 
-    state = {"params": params, "opt": opt_state}
-
-    def run_forward():
-        return forward(state["params"], x)
-
-    onehot = jax.nn.one_hot(y, model.out_channels)
-
     def run_step():
         state["params"], state["opt"], loss = step(state["params"], state["opt"], x, onehot)
         return loss
 
-    return run_forward, run_step, count_params(params)
+    return {"forward": lambda: forward(state["params"], x), "train_step": run_step}, count_params(params)
 
 
 def monai_fns(model: UNETR, x, y):
     import torch
-    from monai.networks.nets import UNETR as MonaiUNETR
 
-    torch.manual_seed(0)
-    net = MonaiUNETR(model.in_channels, model.out_channels, model.img_size, model.feature_size,
-                     model.hidden_size, model.mlp_dim, model.num_heads)
-    xt = torch.from_numpy(np.moveaxis(np.asarray(x), -1, 1).copy())
-    yt = torch.from_numpy(np.array(y, dtype=np.int64))
+    dev = torch_device()
+    net = monai_unetr(model, dev)
+    xt = torch.from_numpy(np.moveaxis(np.asarray(x), -1, 1).copy()).to(dev)
+    yt = torch.from_numpy(np.array(y, dtype=np.int64)).to(dev)
     opt = torch.optim.AdamW(net.parameters(), lr=1e-4, weight_decay=1e-5)
 
     def run_forward():
@@ -84,13 +82,64 @@ def monai_fns(model: UNETR, x, y):
 
     def run_step():
         opt.zero_grad(set_to_none=True)
-        loss = torch.nn.functional.cross_entropy(net(xt), yt)
+        loss = torch.nn.functional.cross_entropy(net(xt).float(), yt)
         loss.backward()
         opt.step()
         return loss
 
     n_used = sum(p.numel() for n, p in net.named_parameters() if "norm_cross_attn" not in n)
-    return run_forward, run_step, n_used
+    return {"forward": run_forward, "train_step": run_step}, n_used
+
+
+def _variants(model_for, x, y):
+    """name -> (callable per kind, sync, context factory, dtype, framework, cudnn_benchmark)."""
+    import contextlib
+
+    out = {}
+    for dt in FLAGS.dtypes:
+        fns, n = jaxseg_fns(model_for(dt), x, y)
+        out[f"jaxseg {dt}"] = dict(fns=fns, sync=jax.block_until_ready, ctx=contextlib.nullcontext, dtype=dt,
+                                   framework="jaxseg", params=n, mem=jax_peak_mib)
+    if FLAGS.against == "monai":
+        fns, n = monai_fns(model_for("float32"), x, y)
+        for dt, bench in torch_modes(FLAGS.torch_dtypes):
+            out[f"monai {dt} cudnn.benchmark={'on' if bench else 'off'}"] = dict(
+                fns=fns, sync=torch_sync, ctx=lambda dt=dt, bench=bench: torch_mode(dt, bench), dtype=dt,
+                framework="monai", cudnn_benchmark=bench, params=n, mem=torch_peak_mib)
+    return out
+
+
+def time_kind(kind: str, variants: dict, cost, results: Results) -> None:
+    for name, v in variants.items():  # first call (jaxseg: compilation), then warm-up
+        if v["framework"] == "monai":
+            torch_peak_mib(reset=True)
+        with v["ctx"]():
+            v["first_call_s"] = time_call(v["fns"][kind], v["sync"])
+            for _ in range(FLAGS.warmup):
+                time_call(v["fns"][kind], v["sync"])
+        v["times"] = []
+    for _ in range(FLAGS.steps):  # rounds: every variant once
+        for v in variants.values():
+            with v["ctx"]():
+                v["times"].append(time_call(v["fns"][kind], v["sync"]))
+    for name, v in variants.items():
+        med = float(np.median(v["times"]))
+        c = cost(v["dtype"])
+        row = {"kind": kind, "variant": name, "framework": v["framework"], "dtype": v["dtype"],
+               "cudnn_benchmark": v.get("cudnn_benchmark"), "first_call_s": v["first_call_s"],
+               **summarize(v["times"]), **efficiency(c.flops, c.bytes, med), "peak_mib": v["mem"]()}
+        results.add(row)
+        eff = f", {row['tflops_per_s']:.1f} TFLOP/s" + (f", MFU {row['mfu']:.1%}" if "mfu" in row else "")
+        print(f"{kind:>10} {name:36s} {med * 1e3:9.2f} ms (first call {v['first_call_s']:.1f} s{eff})", flush=True)
+    for dt in FLAGS.dtypes:  # jaxseg over the faster MONAI setting, same dtype, per round
+        ours = variants.get(f"jaxseg {dt}")
+        refs = [v for v in variants.values() if v["framework"] == "monai" and v["dtype"] == dt]
+        if ours and refs:
+            ref = min(refs, key=lambda v: np.median(v["times"]))
+            ratio = float(np.median([a / b for a, b in zip(ours["times"], ref["times"])]))
+            results.add({"kind": kind, "ratio": f"jaxseg {dt} / monai {dt}", "median": ratio,
+                         "cudnn_benchmark": ref.get("cudnn_benchmark")})
+            print(f"{kind:>10} ratio jaxseg/MONAI ({dt}): {ratio:.3f}", flush=True)
 
 
 def conv_breakdown(model: UNETR, batch: int, steps: int) -> list[dict]:
@@ -133,53 +182,30 @@ def conv_breakdown(model: UNETR, batch: int, steps: int) -> list[dict]:
 
 def main(argv):
     del argv
-    dtype = jnp.bfloat16 if FLAGS.dtype == "bfloat16" else jnp.float32
-    model = unetr_from_preset(FLAGS.preset, in_channels=FLAGS.in_channels, out_channels=FLAGS.out_channels,
-                              img_size=FLAGS.img_size, conv_impl=FLAGS.conv_impl, dtype=dtype)
-    if FLAGS.against == "monai" and FLAGS.preset != "paper":
-        print("note: MONAI fixes 12 layers and patch 16; comparing against --preset=paper only")
-        FLAGS.against = "none"
+    setup()
+    overrides = dict(in_channels=FLAGS.in_channels, out_channels=FLAGS.out_channels, img_size=FLAGS.img_size,
+                     conv_impl=FLAGS.conv_impl)
+    if FLAGS.against == "monai":
+        overrides.update(num_layers=12, patch_size=16)  # MONAI's fixed depth and patch
+
+    def model_for(dt):
+        return unetr_from_preset(FLAGS.preset, dtype=DTYPES[dt], **overrides)
+
     s = FLAGS.img_size
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal((FLAGS.batch, s, s, s, FLAGS.in_channels), np.float32))
     y = jnp.asarray(rng.integers(0, FLAGS.out_channels, (FLAGS.batch, s, s, s)), jnp.int32)
-    if FLAGS.breakdown and FLAGS.against != "monai":
-        raise app.UsageError("--breakdown compares against torch: use it with --against=monai")
-
-    frameworks = {"jaxseg": jaxseg_fns(model, x, y)}
-    if FLAGS.against == "monai":
-        frameworks["monai"] = monai_fns(model, x, y)
-    sync = {"jaxseg": jax.block_until_ready, "monai": lambda t: t}
-
-    results: dict = {"machine": machine(), "config": {k: FLAGS[k].value for k in
-                     ("preset", "img_size", "batch", "in_channels", "out_channels", "steps", "warmup", "conv_impl", "dtype")}}
-    for kind in ("forward", "train_step"):
-        idx = 0 if kind == "forward" else 1
-        compile_s = {}
-        for name, fns in frameworks.items():  # first call (compilation for jaxseg)
-            compile_s[name] = time_call(fns[idx], sync[name])
-            for _ in range(FLAGS.warmup):
-                time_call(fns[idx], sync[name])
-        times = {name: [] for name in frameworks}
-        ratios = []
-        for _ in range(FLAGS.steps):  # A B A B
-            pair = {name: time_call(fns[idx], sync[name]) for name, fns in frameworks.items()}
-            for name, t in pair.items():
-                times[name].append(t)
-            if "monai" in pair:
-                ratios.append(pair["jaxseg"] / pair["monai"])
-        entry = {name: {"first_call_s": compile_s[name], **summarize(times[name])} for name in frameworks}
-        if ratios:
-            entry["ratio_jaxseg_over_monai"] = {"median": float(np.median(ratios)), "pairs": ratios}
-        results[kind] = entry
-        line = ", ".join(f"{n} {entry[n]['median_s']:.3f}s (first call {entry[n]['first_call_s']:.1f}s)" for n in frameworks)
-        extra = f", ratio jaxseg/monai {entry['ratio_jaxseg_over_monai']['median']:.2f}" if ratios else ""
-        print(f"{kind:>10}: {line}{extra}", flush=True)
-    results["params"] = {name: fns[2] for name, fns in frameworks.items()}
+    results = Results(FLAGS.json_out, config={k: FLAGS[k].value for k in (
+        "preset", "img_size", "batch", "in_channels", "out_channels", "steps", "warmup", "conv_impl", "dtypes",
+        "torch_dtypes", "against")})
+    variants = _variants(model_for, x, y)
+    results.payload["params"] = {name: v["params"] for name, v in variants.items()}
+    for kind in FLAGS.kinds:
+        part_kind = "forward" if kind == "forward" else "train"
+        time_kind(kind, variants, lambda dt: unetr_cost(model_for(dt), FLAGS.batch, part_kind), results)
     if FLAGS.breakdown:
-        results["conv_breakdown"] = conv_breakdown(model, FLAGS.batch, FLAGS.steps)
-    print(json.dumps(results["params"]))
-    write_json(FLAGS.json_out, results)
+        results.payload["conv_breakdown"] = conv_breakdown(model_for("float32"), FLAGS.batch, FLAGS.steps)
+        results.write()
 
 
 if __name__ == "__main__":

@@ -5,16 +5,16 @@ and 2, jaxseg vs a PyTorch/MONAI reference (vectorised losses, and the authors' 
     python -m benchmarks.pretrain_throughput --mode=convergence --preset=small   # time to convergence
 
 Rows 'device' reuse one batch already on the device; rows 'pipeline' pull every batch from the
-grain pipeline over a phantom cache. Compile time apart; medians over --steps after --warmup;
-jaxseg and torch rows alternate step by step (A B A B) and ratios are per pair. On GPU the
-FLOPs come from XLA's cost analysis of the compiled step and MFU uses --peak_tflops.
+grain pipeline over a phantom cache. Compile time apart (ahead-of-time ``lower().compile()``);
+medians over --steps after --warmup; jaxseg and the torch variants (on the same device; per
+dtype, bf16 under autocast, and per cudnn.benchmark setting on CUDA) alternate step by step and
+ratios are medians of per-step pairs against the faster torch setting of the same dtype. FLOPs
+come from the analytic count (``jaxseg.models.flops``): XLA's cost analysis misses cuDNN
+convolutions on GPUs.
 """
 
 from __future__ import annotations
 
-import functools
-import json
-import resource
 import tempfile
 import time
 from pathlib import Path
@@ -24,11 +24,13 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from benchmarks.timing import machine, summarize, write_json
+from benchmarks.timing import (Results, efficiency, jax_peak_mib, machine, monai_unetr, setup, summarize, time_call,
+                               torch_device, torch_mode, torch_modes, torch_peak_mib, torch_sync, write_json)
 from jaxseg.config import get_config
 from jaxseg.data import Cache, PretrainDataConfig, load_dataset_json, make_iterator, prepare, pretrain_dataset, \
     write_phantom_dataset
-from jaxseg.models import unetr_from_preset
+from jaxseg.models import init_params, unetr_from_preset
+from jaxseg.models.flops import pretrain_step_cost
 from jaxseg.train.loop import converged
 from jaxseg.train.pretrain import make_pretrain_step, pretrain_state
 
@@ -43,8 +45,10 @@ flags.DEFINE_integer("steps", 10, "timed steps per row")
 flags.DEFINE_integer("warmup", 2, "untimed steps after compilation")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "jaxseg compute dtype")
 flags.DEFINE_enum("against", "none", ["none", "monai"], "also time the PyTorch/MONAI reference")
+flags.DEFINE_list("torch_dtypes", ["float32", "bfloat16"], "torch reference dtypes (bfloat16: autocast)")
+flags.DEFINE_bool("loop_reference", True, "with --against=monai: also the authors' loop-style losses")
 flags.DEFINE_integer("loop_entries", 36, "contrastive loop reference: entries timed (of 576), extrapolated")
-flags.DEFINE_float("peak_tflops", 0.0, "device peak TFLOP/s for MFU (e.g. 989 for H100/H200 dense bf16)")
+flags.DEFINE_integer("loop_steps", 1, "timed steps of each loop-reference row (after one untimed)")
 flags.DEFINE_integer("max_steps", 300, "convergence mode: step limit per stage")
 flags.DEFINE_string("work_dir", None, "phantom data + cache (default: temp dir)")
 flags.DEFINE_string("json_out", None, "write results here")
@@ -57,18 +61,15 @@ def phantom_cache(work: Path, subjects: int = 8) -> Cache:
     return Cache(work / "cache")
 
 
-def peak_memory() -> dict:
-    out = {"host_maxrss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
-    stats = jax.devices()[0].memory_stats() or {}
-    if "peak_bytes_in_use" in stats:
-        out["device_peak_mib"] = stats["peak_bytes_in_use"] / 2**20
-    return out
+def _model(cfg, s, dtype):
+    extra = dict(num_layers=12, patch_size=16) if FLAGS.against == "monai" else {}  # MONAI's fixed sizes
+    return unetr_from_preset(cfg.model, in_channels=1, out_channels=2, img_size=s, dtype=dtype, **extra)
 
 
-def jax_row(cfg, cache, objective, stage, source, s, torch_fn=None):
-    model = unetr_from_preset(cfg.model, in_channels=1, out_channels=2, img_size=s,
-                              dtype=jnp.bfloat16 if FLAGS.dtype == "bfloat16" else jnp.float32)
-    params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, s, s, s, 1)))
+def jax_step(cfg, cache, objective, stage, source, s):
+    """(run one step, compile seconds, the model)."""
+    model = _model(cfg, s, jnp.bfloat16 if FLAGS.dtype == "bfloat16" else jnp.float32)
+    params = init_params(model)
     c = cfg.replace(objective=objective, crop_size=s)
     state, tx = pretrain_state(model, params, c, stage)
     step = make_pretrain_step(model, tx, c, stage, multilabel=False)
@@ -80,100 +81,110 @@ def jax_row(cfg, cache, objective, stage, source, s, torch_fn=None):
     def batch():
         return fixed if source == "device" else jax.device_put({k: jnp.asarray(v) for k, v in next(it).items()})
 
-    t0 = time.perf_counter()
-    lowered = step.lower(state, fixed)
-    compiled = lowered.compile()
-    compile_s = time.perf_counter() - t0
-    flops = None
-    try:
-        ca = compiled.cost_analysis()
-        ca = ca[0] if isinstance(ca, (list, tuple)) else ca
-        flops = float(ca.get("flops", 0.0)) or None
-    except Exception:  # cost analysis is backend-dependent
-        pass
+    compile_s = step.compile(state, fixed)
     holder = {"state": state}
 
     def run():
         holder["state"], m = step(holder["state"], batch())
-        return float(m["loss"])
+        return m["loss"]
 
-    for _ in range(FLAGS.warmup):
-        run()
-    jt, tt = [], []
-    for _ in range(FLAGS.steps):
-        t = time.perf_counter(); run(); jt.append(time.perf_counter() - t)
-        if torch_fn is not None:
-            t = time.perf_counter(); torch_fn(); tt.append(time.perf_counter() - t)
-    row = {"objective": objective, "stage": stage, "source": source, "compile_s": compile_s, **summarize(jt),
-           "crops_per_s": 4 / float(np.median(jt)), "flops_per_step": flops, **peak_memory()}
-    if flops and jax.default_backend() != "cpu":
-        row["tflops_per_s"] = flops / row["median_s"] / 1e12
-        if FLAGS.peak_tflops:
-            row["mfu"] = row["tflops_per_s"] / FLAGS.peak_tflops
-    if tt:
-        row["torch"] = summarize(tt)
-        row["ratio_jaxseg_over_torch"] = float(np.median([a / b for a, b in zip(jt, tt)]))
-    return row
+    return run, compile_s, model
 
 
-def torch_step_fn(cfg, objective, stage, impl, s):
+def torch_step_fn(model, objective, stage, impl, s, entries=None):
+    """The PyTorch/MONAI reference step (three axes in turn) on jaxseg's device."""
     import torch
-    from monai.networks.nets import UNETR
 
     from benchmarks.torch_reference import make_step
 
-    torch.manual_seed(0)
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
-    m = unetr_from_preset(cfg.model, in_channels=1, out_channels=2, img_size=s)
-    net = UNETR(1, 2, s, m.feature_size, m.hidden_size, m.mlp_dim, m.num_heads).to(dev)
+    dev = torch_device()
+    net = monai_unetr(model, dev)
     opt = torch.optim.AdamW(net.parameters(), lr=1e-4, weight_decay=1e-5)
     x = torch.randn(4, 1, s, s, s, device=dev)
-    offsets = [[0] * 4] * 3
-    step = make_step(net, opt, objective, stage, impl, 4, 0.1, FLAGS.loop_entries)
-    return lambda: step(x, offsets)
+    step = make_step(net, opt, objective, stage, impl, 4, 0.1, entries)
+    return lambda: step(x, [[0] * 4] * 3)
 
 
-def throughput(cfg, cache):
-    rows = []
+def throughput_row(cfg, cache, objective, stage, source, s, results):
+    run, compile_s, model = jax_step(cfg, cache, objective, stage, source, s)
+    variants = {"jaxseg": dict(fn=run, sync=jax.block_until_ready, ctx=None, times=[])}
+    if FLAGS.against == "monai" and source == "device" and objective in ("comparative", "contrastive"):
+        fn = torch_step_fn(model, objective, stage, "vectorised", s)
+        for dt, bench in torch_modes(FLAGS.torch_dtypes):
+            variants[f"torch {dt} cudnn.benchmark={'on' if bench else 'off'}"] = dict(
+                fn=fn, sync=torch_sync, ctx=(dt, bench), dtype=dt, times=[])
+    for v in variants.values():
+        if v["ctx"]:
+            torch_peak_mib(reset=True)
+            with torch_mode(*v["ctx"]):
+                v["first_call_s"] = time_call(v["fn"], v["sync"])
+                for _ in range(FLAGS.warmup):
+                    v["fn"]()
+                v["peak_mib"] = torch_peak_mib()
+        else:
+            for _ in range(FLAGS.warmup):
+                time_call(v["fn"], v["sync"])
+    for _ in range(FLAGS.steps):
+        for v in variants.values():
+            if v["ctx"]:
+                with torch_mode(*v["ctx"]):
+                    v["times"].append(time_call(v["fn"], v["sync"]))
+            else:
+                v["times"].append(time_call(v["fn"], v["sync"]))
+    jt = variants.pop("jaxseg")["times"]
+    cost = pretrain_step_cost(model, 4, stage)
+    row = {"objective": objective, "stage": stage, "source": source, "dtype": FLAGS.dtype, "compile_s": compile_s,
+           **summarize(jt), "crops_per_s": 4 / float(np.median(jt)),
+           **efficiency(cost.flops, cost.bytes, float(np.median(jt))), "peak_mib": jax_peak_mib()}
+    if variants:
+        row["torch"] = {name: {**summarize(v["times"]), "first_call_s": v["first_call_s"], "peak_mib": v["peak_mib"],
+                               **efficiency(cost.flops, cost.bytes, float(np.median(v["times"])))}
+                        for name, v in variants.items()}
+        for dt in FLAGS.torch_dtypes:
+            same = [v for v in variants.values() if v["dtype"] == dt]
+            if same:
+                ref = min(same, key=lambda v: np.median(v["times"]))
+                row[f"ratio_jaxseg_over_torch_{dt}"] = float(np.median([a / b for a, b in zip(jt, ref["times"])]))
+    results.add(row)
+    msg = (f"{stage:5s} {objective:20s} {source:8s} jaxseg {row['median_s'] * 1e3:.1f} ms "
+           f"({row['crops_per_s']:.2f} crops/s, compile {compile_s:.1f} s, {row['tflops_per_s']:.2f} TFLOP/s"
+           + (f", MFU {row['mfu']:.1%}" if "mfu" in row else "") + ")")
+    for name, t in row.get("torch", {}).items():
+        msg += f" | {name} {t['median_s'] * 1e3:.1f} ms"
+    print(msg, flush=True)
+
+
+def loop_rows(cfg, s, results):
+    """The authors' loop-style losses in PyTorch (fp32, on the device): the contrastive one on
+    --loop_entries of its 576 entries, extrapolated."""
+    model = _model(cfg, s, jnp.float32)
+    for stage in FLAGS.stages:
+        base = None
+        for objective in ("comparative", "contrastive"):
+            fn = torch_step_fn(model, objective, stage, "loop", s, FLAGS.loop_entries)
+            time_call(fn, torch_sync)
+            med = float(np.median([time_call(fn, torch_sync) for _ in range(FLAGS.loop_steps)]))
+            scale = 576 / FLAGS.loop_entries if objective == "contrastive" else 1.0
+            if objective == "comparative":
+                base = step_s = med  # model forward/backward + the (cheap) comparative loop
+            else:  # only the loss part scales with the number of entries
+                step_s = base + (med - base) * scale
+            row = results.add({"objective": objective, "stage": stage, "source": "torch_loop", "median_s": med,
+                               "extrapolated_step_s": step_s, "timed_steps": FLAGS.loop_steps,
+                               "note": (f"{FLAGS.loop_entries} of 576 entries timed; step = comparative-loop step + "
+                                        f"{scale:g} x the extra time") if scale != 1 else ""})
+            print(f"{stage:5s} {objective:20s} torch loop {row['extrapolated_step_s']:.2f} s/step {row['note']}",
+                  flush=True)
+
+
+def throughput(cfg, cache, results):
     s = FLAGS.crop_size
     for stage in FLAGS.stages:
         for objective in FLAGS.objectives:
             for source in FLAGS.sources:
-                ref = None
-                if FLAGS.against == "monai" and source == "device" and objective in ("comparative", "contrastive") \
-                        and cfg.model == "paper":
-                    ref = torch_step_fn(cfg, objective, stage, "vectorised", s)
-                row = jax_row(cfg, cache, objective, stage, source, s, ref)
-                rows.append(row)
-                msg = (f"{stage:5s} {objective:20s} {source:8s} jaxseg {row['median_s']:.3f}s "
-                       f"({row['crops_per_s']:.2f} crops/s, compile {row['compile_s']:.1f}s)")
-                if "torch" in row:
-                    msg += f" | torch {row['torch']['median_s']:.3f}s ratio {row['ratio_jaxseg_over_torch']:.2f}"
-                if "tflops_per_s" in row:
-                    msg += f" | {row['tflops_per_s']:.1f} TFLOP/s" + (f" MFU {row['mfu']:.1%}" if "mfu" in row else "")
-                print(msg, flush=True)
-    if FLAGS.against == "monai" and cfg.model == "paper":  # the authors' loop-style losses
-        for stage in FLAGS.stages:
-            base = None
-            for objective in ("comparative", "contrastive"):
-                fn = torch_step_fn(cfg, objective, stage, "loop", s)
-                fn()
-                times = [(lambda t0: (fn(), time.perf_counter() - t0)[1])(time.perf_counter())
-                         for _ in range(max(1, FLAGS.steps // 5))]
-                med = float(np.median(times))
-                scale = 576 / FLAGS.loop_entries if objective == "contrastive" else 1.0
-                if objective == "comparative":
-                    base = med  # model forward/backward + the (cheap) comparative loop
-                    step_s = med
-                else:  # only the loss part scales with the number of entries
-                    step_s = base + (med - base) * scale
-                row = {"objective": objective, "stage": stage, "source": "torch_loop", "median_s": med,
-                       "extrapolated_step_s": step_s,
-                       "note": (f"{FLAGS.loop_entries} of 576 entries timed; step = comparative-loop step + "
-                                f"{scale:g} x the extra time") if scale != 1 else ""}
-                rows.append(row)
-                print(f"{stage:5s} {objective:20s} torch loop {row['extrapolated_step_s']:.2f}s/step {row['note']}", flush=True)
-    return rows
+                throughput_row(cfg, cache, objective, stage, source, s, results)
+    if FLAGS.against == "monai" and FLAGS.loop_reference:
+        loop_rows(cfg, s, results)
 
 
 def time_to_convergence(cfg, cache):
@@ -183,7 +194,7 @@ def time_to_convergence(cfg, cache):
     for objective in ("comparative", "contrastive"):
         c = cfg.replace(objective=objective)
         model = unetr_from_preset(c.model, in_channels=1, out_channels=2, img_size=c.crop_size)
-        params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, *(c.crop_size,) * 3, 1)))
+        params = init_params(model)
         res = {"stages": {}}
         for k, stage in enumerate(("feat", "recon")):
             state, tx = pretrain_state(model, params, c, stage)
@@ -218,16 +229,16 @@ def time_to_convergence(cfg, cache):
 
 def main(argv):
     del argv
+    setup()
     work = Path(FLAGS.work_dir or tempfile.mkdtemp(prefix="jaxseg-bench-"))
     cache = phantom_cache(work)
     cfg = get_config(FLAGS.preset)
-    result = {"machine": machine(), "flags": {k: FLAGS[k].value for k in (
-        "mode", "preset", "crop_size", "steps", "warmup", "dtype", "against", "peak_tflops")}}
+    header = {"flags": {k: FLAGS[k].value for k in (
+        "mode", "preset", "crop_size", "steps", "warmup", "dtype", "against", "torch_dtypes", "loop_entries")}}
     if FLAGS.mode == "throughput":
-        result["rows"] = throughput(cfg, cache)
+        throughput(cfg, cache, Results(FLAGS.json_out, **header))
     else:
-        result["convergence"] = time_to_convergence(cfg, cache)
-    write_json(FLAGS.json_out, result)
+        write_json(FLAGS.json_out, {"machine": machine(), **header, "convergence": time_to_convergence(cfg, cache)})
 
 
 if __name__ == "__main__":

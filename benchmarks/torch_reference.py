@@ -83,19 +83,17 @@ def contrastive_loop(s: torch.Tensor, t: float, entries: int | None = None) -> t
 def make_step(net, opt, objective: str, stage: str, impl: str, num_partitions: int, temperature: float,
               entries: int | None = None):
     """One pre-training step (3 axes in turn) on crops (M, C, S, S, S)."""
-    from monai.networks.nets import UNETR  # noqa: F401  (net is a MONAI UNETR)
-
     losses = {("comparative", "vectorised"): comparative_vectorised,
               ("contrastive", "vectorised"): contrastive_vectorised,
               ("comparative", "loop"): comparative_loop,
               ("contrastive", "loop"): lambda s, t: contrastive_loop(s, t, entries)}
     loss_fn = losses[(objective, impl)]
 
-    def features(x):
+    def features(x):  # float32 for the loss, also under autocast (as jaxseg)
         if stage == "feat":
             _, hidden = net.vit(x)
-            return net.encoder4(net.proj_feat(hidden[9]))
-        return torch.softmax(net(x), 1)
+            return net.encoder4(net.proj_feat(hidden[9])).float()
+        return torch.softmax(net(x).float(), 1)
 
     def step(x, offsets):
         out = 0.0

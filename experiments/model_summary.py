@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 from absl import app, flags
 
-from jaxseg.models import count_params, unetr_from_preset
+from jaxseg.models import count_params, init_params, unetr_from_preset
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("preset", "small", ["tiny", "small", "paper"], "UNETR size")
@@ -23,7 +23,7 @@ def main(argv):
     model = unetr_from_preset(FLAGS.preset, in_channels=FLAGS.in_channels,
                               out_channels=FLAGS.out_channels, img_size=FLAGS.img_size)
     x = jax.random.normal(jax.random.key(0), (1, *(FLAGS.img_size,) * 3, FLAGS.in_channels))
-    params = jax.jit(model.init)(jax.random.key(1), x)
+    params = init_params(model, 1)
     apply = jax.jit(model.apply)
     t0 = time.perf_counter()
     logits = jax.block_until_ready(apply(params, x))

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxseg.models import UNETR, count_params, skip_layers, unetr_from_preset
+from jaxseg.models import UNETR, count_params, init_params, skip_layers, unetr_from_preset
 from jaxseg.models.layers import conv3d, upsample2x
 
 TINY = dict(in_channels=1, out_channels=2, img_size=32, feature_size=4, hidden_size=32,
@@ -15,8 +15,7 @@ TINY = dict(in_channels=1, out_channels=2, img_size=32, feature_size=4, hidden_s
 @pytest.fixture(scope="module")
 def tiny():
     model = UNETR(**TINY)
-    params = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 32, 1)))
-    return model, params
+    return model, init_params(model)  # jitted: eager init/apply run op by op and take a minute on CPU
 
 
 def test_skip_layers_spread():
@@ -30,18 +29,18 @@ def test_skip_layers_spread():
 def test_output_and_feature_shapes(tiny):
     model, params = tiny
     x = jax.random.normal(jax.random.key(1), (2, 32, 32, 32, 1))
-    logits, feats = model.apply(params, x, return_features=True)
+    logits, feats = jax.jit(lambda p, x: model.apply(p, x, return_features=True))(params, x)
     assert logits.shape == (2, 32, 32, 32, 2)
     assert feats["enc4"].shape == (2, 4, 4, 4, 32)  # 8 * feature_size at img/8
     assert len(feats["hidden_states"]) == 2 and feats["hidden_states"][0].shape == (2, 8, 32)
-    enc4 = model.apply(params, x, method=UNETR.encode)
+    enc4 = jax.jit(lambda p, x: model.apply(p, x, method=UNETR.encode))(params, x)
     np.testing.assert_allclose(enc4, feats["enc4"], rtol=1e-5, atol=1e-5)
 
 
 def test_anisotropic_img_size_and_jit():
     model = UNETR(**{**TINY, "img_size": (32, 16, 48), "in_channels": 4, "out_channels": 3})
     x = jnp.ones((1, 32, 16, 48, 4))
-    params = model.init(jax.random.key(0), x)
+    params = init_params(model)
     out = jax.jit(model.apply)(params, x)
     assert out.shape == (1, 32, 16, 48, 3)
     np.testing.assert_allclose(out, model.apply(params, x), rtol=1e-4, atol=1e-4)
@@ -52,12 +51,12 @@ def test_bfloat16_compute_keeps_float32_params(tiny):
     bf = UNETR(**TINY, dtype=jnp.bfloat16)
     x = jax.random.normal(jax.random.key(2), (1, 32, 32, 32, 1))
     out_bf = jax.jit(bf.apply)(params, x)
-    out_f32 = model.apply(params, x)
+    out_f32 = jax.jit(model.apply)(params, x)
     assert out_bf.dtype == jnp.bfloat16
     assert all(p.dtype == jnp.float32 for p in jax.tree_util.tree_leaves(params))
     err = jnp.abs(out_bf.astype(jnp.float32) - out_f32).max() / jnp.abs(out_f32).max()
     assert float(err) < 0.1
-    grads = jax.grad(lambda p: bf.apply(p, x).astype(jnp.float32).mean())(params)
+    grads = jax.jit(jax.grad(lambda p: bf.apply(p, x).astype(jnp.float32).mean()))(params)
     assert all(bool(jnp.isfinite(g).all()) for g in jax.tree_util.tree_leaves(grads))
 
 

@@ -1,7 +1,9 @@
-"""MONAI UNETR ``state_dict`` -> jaxseg params, so MONAI users can bring their weights.
+"""MONAI UNETR ``state_dict`` <-> jaxseg params, so MONAI users can bring their weights and take
+trained ones back into their pipelines. One declared ``layout`` serves both directions.
 
-``from_monai`` takes a mapping of names to NumPy arrays (no torch import needed);
-``load_monai_checkpoint`` reads a ``.pt`` file and imports torch only when called.
+``from_monai`` / ``to_monai`` work on NumPy arrays (no torch import needed);
+``load_monai_checkpoint`` / ``save_monai_checkpoint`` read and write ``.pt`` files and import
+torch only when called.
 """
 
 from __future__ import annotations
@@ -14,35 +16,91 @@ from jaxseg.models.unetr import UNETR
 
 _UNUSED_SUFFIXES = ("norm_cross_attn.weight", "norm_cross_attn.bias")
 
-
-def _linear(sd, key, bias=True):
-    out = {"kernel": np.asarray(sd.pop(key + ".weight")).T}
-    if bias:
-        out["bias"] = np.asarray(sd.pop(key + ".bias"))
-    return out
-
-
-def _layernorm(sd, key):
-    return {"scale": np.asarray(sd.pop(key + ".weight")), "bias": np.asarray(sd.pop(key + ".bias"))}
-
-
-def _conv(sd, key, bias=False):
-    # torch Conv3d (Co, Ci, kd, kh, kw) -> (kd, kh, kw, Ci, Co)
-    out = {"kernel": np.asarray(sd.pop(key + ".conv.weight")).transpose(2, 3, 4, 1, 0)}
-    if bias:
-        out["bias"] = np.asarray(sd.pop(key + ".conv.bias"))
-    return out
+# How a MONAI tensor becomes a jaxseg leaf (and back): torch Linear (out, in) vs Dense (in, out);
+# Conv3d (Co, Ci, kd, kh, kw) vs (kd, kh, kw, Ci, Co); ConvTranspose3d (Ci, Co, 2, 2, 2) vs
+# (Ci, 2, 2, 2, Co); the conv patch embedding (hidden, C, p, p, p) vs a (p*p*p*C, hidden) matmul.
+_TO_JAX = {
+    "id": lambda w: w,
+    "linear": lambda w: w.T,
+    "conv": lambda w: w.transpose(2, 3, 4, 1, 0),
+    "upconv": lambda w: w.transpose(0, 2, 3, 4, 1),
+    "patch": lambda w: w.transpose(2, 3, 4, 1, 0).reshape(-1, w.shape[0]),
+}
 
 
-def _upconv(sd, key):
-    # torch ConvTranspose3d (Ci, Co, 2, 2, 2) -> (Ci, 2, 2, 2, Co)
-    return {"kernel": np.asarray(sd.pop(key + ".conv.weight")).transpose(0, 2, 3, 4, 1)}
+def _patch_to_torch(k, c):
+    p = c.patch_size
+    return k.reshape(p, p, p, c.in_channels, k.shape[-1]).transpose(4, 3, 0, 1, 2)
 
 
-def _conv_block(sd, key, res_block):
-    out = {name: _conv(sd, f"{key}.{name}") for name in ("conv1", "conv2")}
-    if res_block and f"{key}.conv3.conv.weight" in sd:
-        out["conv3"] = _conv(sd, f"{key}.conv3")
+_TO_MONAI = {
+    "id": lambda w, c: w,
+    "linear": lambda w, c: w.T,
+    "conv": lambda w, c: w.transpose(4, 3, 0, 1, 2),
+    "upconv": lambda w, c: w.transpose(0, 4, 1, 2, 3),
+    "patch": _patch_to_torch,
+}
+
+
+def layout(c: UNETR, has_conv3=None) -> list[tuple[str, tuple[str, ...], str]]:
+    """(MONAI state_dict key, jaxseg params path, transform) for every weight of UNETR ``c``.
+    ``has_conv3(key)`` says whether a res block has the 1x1 residual conv (its input and output
+    widths differ); by default it is derived from the config."""
+    out: list[tuple[str, tuple[str, ...], str]] = []
+
+    def add(key, path, kind):
+        out.append((key, tuple(path), kind))
+
+    def linear(key, path, bias=True):
+        add(f"{key}.weight", (*path, "kernel"), "linear")
+        if bias:
+            add(f"{key}.bias", (*path, "bias"), "id")
+
+    def norm(key, path):
+        add(f"{key}.weight", (*path, "scale"), "id")
+        add(f"{key}.bias", (*path, "bias"), "id")
+
+    def conv(key, path, bias=False):
+        add(f"{key}.conv.weight", (*path, "kernel"), "conv")
+        if bias:
+            add(f"{key}.conv.bias", (*path, "bias"), "id")
+
+    def block(key, path, residual: bool):
+        for name in ("conv1", "conv2"):
+            conv(f"{key}.{name}", (*path, name))
+        if c.res_block and (has_conv3(key) if has_conv3 else residual):
+            conv(f"{key}.conv3", (*path, "conv3"))
+
+    pe, vit = "vit.patch_embedding", ("vit",)
+    if c.proj_type == "conv":
+        add(f"{pe}.patch_embeddings.weight", (*vit, "patch_embedding", "kernel"), "patch")
+        add(f"{pe}.patch_embeddings.bias", (*vit, "patch_embedding", "bias"), "id")
+    else:  # perceptron: Linear on features ordered (p1 p2 p3 c), as patchify produces
+        add(f"{pe}.patch_embeddings.1.weight", (*vit, "patch_embedding", "kernel"), "linear")
+        add(f"{pe}.patch_embeddings.1.bias", (*vit, "patch_embedding", "bias"), "id")
+    add(f"{pe}.position_embeddings", (*vit, "patch_embedding", "position_embeddings"), "id")
+    for i in range(c.num_layers):
+        b, path = f"vit.blocks.{i}", (*vit, f"blocks_{i}")
+        norm(f"{b}.norm1", (*path, "norm1"))
+        norm(f"{b}.norm2", (*path, "norm2"))
+        linear(f"{b}.attn.qkv", (*path, "attn", "qkv"), bias=c.qkv_bias)
+        linear(f"{b}.attn.out_proj", (*path, "attn", "out_proj"))
+        linear(f"{b}.mlp.linear1", (*path, "mlp", "linear1"))
+        linear(f"{b}.mlp.linear2", (*path, "mlp", "linear2"))
+    norm("vit.norm", (*vit, "norm"))
+    fs = c.feature_size
+    block("encoder1.layer", ("encoder1", "layer"), c.in_channels != fs)
+    for name, n, width in (("encoder2", 2, 2 * fs), ("encoder3", 1, 4 * fs), ("encoder4", 0, 8 * fs)):
+        add(f"{name}.transp_conv_init.conv.weight", (name, "transp_conv_init", "kernel"), "upconv")
+        for i in range(n):
+            key = f"{name}.blocks.{i}.0" if c.conv_block else f"{name}.blocks.{i}"
+            add(f"{key}.conv.weight", (name, f"blocks_{i}_0", "kernel"), "upconv")
+            if c.conv_block:
+                block(f"{name}.blocks.{i}.1", (name, f"blocks_{i}_1"), False)
+    for name in ("decoder5", "decoder4", "decoder3", "decoder2"):
+        add(f"{name}.transp_conv.conv.weight", (name, "transp_conv", "kernel"), "upconv")
+        block(f"{name}.conv_block", (name, "conv_block"), True)  # the skip doubles the input width
+    conv("out.conv", ("out",), bias=True)
     return out
 
 
@@ -52,59 +110,46 @@ def from_monai(state_dict: Mapping[str, Any], config: UNETR) -> dict:
     unexpected or mis-shaped entries."""
     sd = {k.removeprefix("module."): v for k, v in state_dict.items()}
     sd = {k: v for k, v in sd.items() if not k.endswith(_UNUSED_SUFFIXES)}
-    try:
-        params = _convert(sd, config)
-    except KeyError as e:
-        raise ValueError(f"MONAI state_dict lacks {e.args[0]!r} needed for this UNETR config") from None
+    params: dict[str, Any] = {}
+    for key, path, kind in layout(config, has_conv3=lambda k: f"{k}.conv3.conv.weight" in sd):
+        if key not in sd:
+            raise ValueError(f"MONAI state_dict lacks {key!r} needed for this UNETR config")
+        node = params
+        for name in path[:-1]:
+            node = node.setdefault(name, {})
+        node[path[-1]] = _TO_JAX[kind](np.asarray(sd.pop(key)))
     if sd:
         raise ValueError(f"MONAI state_dict has entries this UNETR config does not use: {sorted(sd)[:8]}")
     _check_shapes(params, config)
     return {"params": params}
 
 
-def _convert(sd: dict, c: UNETR) -> dict:
-    pe = "vit.patch_embedding"
-    if c.proj_type == "conv":
-        w = np.asarray(sd.pop(f"{pe}.patch_embeddings.weight"))  # (hidden, C, p, p, p)
-        kernel = w.transpose(2, 3, 4, 1, 0).reshape(-1, w.shape[0])
-        bias = np.asarray(sd.pop(f"{pe}.patch_embeddings.bias"))
-    else:  # perceptron: Linear on features ordered (p1 p2 p3 c), as patchify produces
-        lin = _linear(sd, f"{pe}.patch_embeddings.1")
-        kernel, bias = lin["kernel"], lin["bias"]
-    vit: dict[str, Any] = {
-        "patch_embedding": {
-            "kernel": kernel, "bias": bias,
-            "position_embeddings": np.asarray(sd.pop(f"{pe}.position_embeddings")),
-        }
-    }
-    for i in range(c.num_layers):
-        b = f"vit.blocks.{i}"
-        vit[f"blocks_{i}"] = {
-            "norm1": _layernorm(sd, f"{b}.norm1"),
-            "norm2": _layernorm(sd, f"{b}.norm2"),
-            "attn": {
-                "qkv": _linear(sd, f"{b}.attn.qkv", bias=c.qkv_bias),
-                "out_proj": _linear(sd, f"{b}.attn.out_proj"),
-            },
-            "mlp": {"linear1": _linear(sd, f"{b}.mlp.linear1"), "linear2": _linear(sd, f"{b}.mlp.linear2")},
-        }
-    vit["norm"] = _layernorm(sd, "vit.norm")
-    params: dict[str, Any] = {"vit": vit}
-    params["encoder1"] = {"layer": _conv_block(sd, "encoder1.layer", c.res_block)}
-    for name, n in (("encoder2", 2), ("encoder3", 1), ("encoder4", 0)):
-        enc = {"transp_conv_init": _upconv(sd, f"{name}.transp_conv_init")}
-        for i in range(n):
-            enc[f"blocks_{i}_0"] = _upconv(sd, f"{name}.blocks.{i}.0" if c.conv_block else f"{name}.blocks.{i}")
-            if c.conv_block:
-                enc[f"blocks_{i}_1"] = _conv_block(sd, f"{name}.blocks.{i}.1", c.res_block)
-        params[name] = enc
-    for name in ("decoder5", "decoder4", "decoder3", "decoder2"):
-        params[name] = {
-            "transp_conv": _upconv(sd, f"{name}.transp_conv"),
-            "conv_block": _conv_block(sd, f"{name}.conv_block", c.res_block),
-        }
-    params["out"] = _conv(sd, "out.conv", bias=True)
-    return params
+def to_monai(params: Any, config: UNETR) -> dict[str, np.ndarray]:
+    """The inverse of ``from_monai``: a MONAI ``UNETR.state_dict()`` as NumPy arrays (load it with
+    ``net.load_state_dict({k: torch.from_numpy(v) for k, v in sd.items()})``), including the
+    ``norm_cross_attn`` LayerNorms MONAI creates but never uses (at their initial 1 / 0)."""
+    import jax
+
+    tree = jax.device_get(params)
+    tree = tree.get("params", tree)
+    _check_shapes(tree, config)
+    sd: dict[str, np.ndarray] = {}
+    for key, path, kind in layout(config):
+        leaf = tree
+        for name in path:
+            leaf = leaf[name]
+        sd[key] = np.array(_TO_MONAI[kind](np.asarray(leaf, np.float32), config), order="C")  # writable, for torch
+    for i in range(config.num_layers):
+        sd[f"vit.blocks.{i}.norm_cross_attn.weight"] = np.ones(config.hidden_size, np.float32)
+        sd[f"vit.blocks.{i}.norm_cross_attn.bias"] = np.zeros(config.hidden_size, np.float32)
+    return sd
+
+
+def save_monai_checkpoint(params: Any, config: UNETR, path: str) -> None:
+    """Write ``to_monai(params, config)`` as a ``.pt`` state_dict (imports torch only then)."""
+    import torch
+
+    torch.save({k: torch.from_numpy(v) for k, v in to_monai(params, config).items()}, path)
 
 
 def _check_shapes(params: dict, config: UNETR) -> None:

@@ -156,5 +156,15 @@ def unetr_from_preset(name: str, **overrides: Any) -> UNETR:
     return UNETR(**{**PRESETS[name], **overrides})
 
 
+def init_params(model: UNETR, seed: int | jax.Array = 0) -> Any:
+    """``model.init`` on a zero batch of one, jitted. Uses the non-partitionable threefry PRNG:
+    deterministic like the default, but XLA:CPU compiles UNETR's init ~4x faster with it (the
+    partitionable form unrolls per parameter: 40 s vs 9 s for the tiny preset)."""
+    key = jax.random.key(seed) if isinstance(seed, int) else seed
+    x = jnp.zeros((1, *_as_3tuple(model.img_size), model.in_channels))
+    with jax.threefry_partitionable(False):
+        return jax.jit(model.init)(key, x)
+
+
 def count_params(params: Any) -> int:
     return sum(int(p.size) for p in jax.tree_util.tree_leaves(params))
