@@ -6,6 +6,7 @@ import dataclasses
 
 from absl import flags
 
+from experiments import cli  # noqa: F401  (--verbose)
 from jaxseg.config import PRESETS, Config, get_config
 from jaxseg.train.sharding import initialize_distributed
 
@@ -13,6 +14,10 @@ FLAGS = flags.FLAGS
 flags.DEFINE_enum("config", "small", sorted(PRESETS), "preset: tiny (tests), small (CPU demo), paper")
 flags.DEFINE_string("workdir", "runs/default", "work dir: data cache, checkpoints, metrics, figures")
 flags.DEFINE_bool("progress", True, "progress bars")
+flags.DEFINE_bool("overwrite", False, "replace results in the work dir that were made with other settings")
+flags.DEFINE_string("compilation_cache", "auto",
+                    "persistent XLA compilation cache: 'auto' (~/.cache/jaxseg/xla or $JAXSEG_CACHE_DIR), "
+                    "a folder, or 'off'")
 flags.DEFINE_string("coordinator", None, "multi-host: coordinator address host:port")
 flags.DEFINE_integer("num_processes", None, "multi-host: number of processes")
 flags.DEFINE_integer("process_id", None, "multi-host: this process's id")
@@ -23,15 +28,16 @@ for _f in dataclasses.fields(Config):
 
 
 def config_from_flags() -> Config:
-    import os
-
-    import jax
+    """The config from --config and the field flags, validated before any data or compile work
+    (an impossible setting raises ``UserError``)."""
     from absl import logging
 
+    from jaxseg.compilation_cache import enable_compilation_cache
+
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
-    # Identical programs (each fine-tuning run, each evaluation) compile once per machine.
-    jax.config.update("jax_compilation_cache_dir", os.path.join(FLAGS.workdir, ".jax_cache"))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-    initialize_distributed(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id)
     overrides = {f.name: FLAGS[f.name].value for f in dataclasses.fields(Config) if FLAGS[f.name].value is not None}
-    return get_config(FLAGS.config, **overrides)
+    cfg = get_config(FLAGS.config, **overrides)
+    # Identical programs (a rerun, each fine-tuning run, each evaluation) compile once per machine.
+    enable_compilation_cache(FLAGS.compilation_cache)
+    initialize_distributed(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id)
+    return cfg

@@ -3,8 +3,9 @@
     python -m experiments.evaluate --config=small --workdir=runs/demo --params=runs/demo/finetune/best.msgpack
 """
 
-from absl import app, flags
+from absl import flags
 
+from experiments import cli
 from experiments.common import FLAGS, config_from_flags
 from jaxseg.train.run import run_evaluation
 
@@ -16,10 +17,11 @@ flags.DEFINE_enum("split", "test", ["test", "val"], "which held-out split")
 def main(argv):
     del argv
     cfg = config_from_flags()
-    run_evaluation(cfg, FLAGS.workdir, FLAGS.params, FLAGS.out_name, FLAGS.split, progress=FLAGS.progress)
+    run_evaluation(cfg, FLAGS.workdir, FLAGS.params, FLAGS.out_name, FLAGS.split, progress=FLAGS.progress,
+                   overwrite=FLAGS.overwrite)
     print((FLAGS.workdir.rstrip("/") + f"/{FLAGS.out_name}/summary.md") + ":")
     print(open(f"{FLAGS.workdir}/{FLAGS.out_name}/summary.md").read())
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -3,8 +3,9 @@
     python -m experiments.finetune --config=small --workdir=runs/demo --init=runs/demo/pretrain/params.msgpack
 """
 
-from absl import app, flags
+from absl import flags
 
+from experiments import cli
 from experiments.common import FLAGS, config_from_flags
 from jaxseg.train.run import run_finetuning
 
@@ -15,9 +16,9 @@ flags.DEFINE_string("out_name", "finetune", "output folder inside the work dir")
 def main(argv):
     del argv
     _, summary = run_finetuning(config_from_flags(), FLAGS.workdir, init=FLAGS.init, out_name=FLAGS.out_name,
-                                progress=FLAGS.progress)
+                                progress=FLAGS.progress, overwrite=FLAGS.overwrite)
     print(f"fine-tuning: best validation Dice {summary['best']['val_dice']:.3f} at step {summary['best']['step']}")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -5,9 +5,11 @@ paper's sizes.
     python -m experiments.table1 --workdir=runs/table1
 """
 
-from absl import app, flags
+from absl import flags
 
+from experiments import cli
 from experiments.common import FLAGS, config_from_flags
+from jaxseg.errors import UserError
 from jaxseg.protocol import run_table1
 
 flags.DEFINE_list("objectives", ["contrastive", "comparative"], "pre-training objectives to compare")
@@ -17,12 +19,16 @@ flags.DEFINE_list("budgets", ["2", "0"], "label budgets (0: all labelled trainin
 def main(argv):
     del argv
     cfg = config_from_flags()
-    run_table1(cfg, FLAGS.workdir, tuple(FLAGS.objectives), tuple(int(b) for b in FLAGS.budgets),
-               progress=FLAGS.progress)
+    try:
+        budgets = tuple(int(b) for b in FLAGS.budgets)
+    except ValueError:
+        raise UserError(f"--budgets must be integers (0: all labelled cases), got {FLAGS.budgets}") from None
+    run_table1(cfg, FLAGS.workdir, tuple(FLAGS.objectives), budgets, progress=FLAGS.progress,
+               overwrite=FLAGS.overwrite)
     print(open(f"{FLAGS.workdir}/table1.md").read())
     print(f"every number: {FLAGS.workdir}/table1.json; figures: {FLAGS.workdir}/pretrain_loss.png, "
           f"{FLAGS.workdir}/finetune_*/test/figures/")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

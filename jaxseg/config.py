@@ -9,6 +9,30 @@ from __future__ import annotations
 
 import dataclasses
 
+from jaxseg.errors import UserError
+
+CHOICES = {
+    "model": ("tiny", "small", "paper"),
+    "dtype": ("float32", "bfloat16"),
+    "phantom": ("spleen", "braintumour"),
+    "objective": ("comparative", "comparative_code", "comparative_sampled", "contrastive", "contrastive_global"),
+    "stage2_output": ("probs", "logits"),
+    "axis_mode": ("sequential", "joint"),
+}
+AT_LEAST_ONE = ("crop_size", "phantom_subjects", "data_threads", "sampled_triplets", "volumes_per_step",
+                "crops_per_volume", "stage1_steps", "stage2_steps", "convergence_window", "finetune_steps",
+                "finetune_volumes_per_step", "finetune_crops_per_volume", "eval_every", "sw_batch_size", "ckpt_every")
+# Which fields each job's result depends on (kept with its outputs, see jaxseg.run_settings);
+# the rest (model, data, seed, optimiser) matter to every job; data_threads, ckpt_every and
+# sw_batch_size change no result.
+PRETRAIN_FIELDS = ("objective", "temperature", "num_partitions", "shared_offset", "sampled_triplets",
+                   "volumes_per_step", "crops_per_volume", "stage1_steps", "stage2_steps", "stage2_output",
+                   "stage2_freeze_encoder", "axis_mode", "convergence_window", "convergence_rtol")
+FINETUNE_FIELDS = ("finetune_steps", "finetune_volumes_per_step", "finetune_crops_per_volume", "label_budget",
+                   "eval_every")
+EVAL_FIELDS = ("overlap",)
+NO_RESULT_FIELDS = ("data_threads", "ckpt_every", "sw_batch_size")
+
 
 @dataclasses.dataclass(frozen=True)
 class Config:
@@ -53,8 +77,48 @@ class Config:
     weight_decay: float = 1e-5
     ckpt_every: int = 100
 
+    def __post_init__(self):
+        problems = config_problems(self)
+        if problems:
+            raise UserError("invalid settings: " + "; ".join(problems))
+
     def replace(self, **kw) -> "Config":
         return dataclasses.replace(self, **kw)
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def job_settings(c: Config, job: str) -> dict:
+    """The fields of ``c`` that the result of ``job`` ('pretrain', 'finetune', 'evaluate') depends on."""
+    own = {"pretrain": PRETRAIN_FIELDS, "finetune": FINETUNE_FIELDS + EVAL_FIELDS, "evaluate": EVAL_FIELDS}[job]
+    others = set(PRETRAIN_FIELDS + FINETUNE_FIELDS + EVAL_FIELDS + NO_RESULT_FIELDS) - set(own)
+    return {"job": job, **{k: v for k, v in c.as_dict().items() if k not in others}}
+
+
+def config_problems(c: Config) -> list[str]:
+    """Every impossible setting, one short phrase each (checked before any data or compile work)."""
+    out = [f"{k} must be one of {', '.join(v)}, got {getattr(c, k)!r}" for k, v in CHOICES.items()
+           if getattr(c, k) not in v]
+    out += [f"{k} must be >= 1, got {getattr(c, k)}" for k in AT_LEAST_ONE if getattr(c, k) < 1]
+    if c.crop_size >= 1 and c.crop_size % 16:
+        out.append(f"crop_size must be a multiple of 16 (the ViT patch), got {c.crop_size}")
+    if c.num_partitions < 2:
+        out.append(f"num_partitions must be >= 2, got {c.num_partitions}")
+    if c.label_budget < 0:
+        out.append(f"label_budget must be >= 0 (0: all labelled training cases), got {c.label_budget}")
+    for k in ("target_spacing", "temperature", "lr"):
+        if not getattr(c, k) > 0:
+            out.append(f"{k} must be > 0, got {getattr(c, k)}")
+    for k in ("weight_decay", "convergence_rtol"):
+        if not getattr(c, k) >= 0:
+            out.append(f"{k} must be >= 0, got {getattr(c, k)}")
+    if not 0 <= c.overlap < 1:
+        out.append(f"overlap must be in [0, 1), got {c.overlap}")
+    if not (0 <= c.val_fraction < 1 and 0 <= c.test_fraction < 1 and c.val_fraction + c.test_fraction < 1):
+        out.append(f"val_fraction and test_fraction must be >= 0 and sum below 1, got {c.val_fraction} and "
+                   f"{c.test_fraction}")
+    return out
 
 
 PRESETS: dict[str, Config] = {
@@ -68,5 +132,8 @@ PRESETS: dict[str, Config] = {
 
 def get_config(name: str, **overrides) -> Config:
     if name not in PRESETS:
-        raise ValueError(f"unknown config {name!r}; choose from {sorted(PRESETS)}")
+        raise UserError(f"unknown config {name!r}; choose from {sorted(PRESETS)}")
+    unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(Config)})
+    if unknown:
+        raise UserError(f"unknown setting(s) {unknown}")
     return PRESETS[name].replace(**overrides)

@@ -7,7 +7,7 @@ import csv
 import json
 import math
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 
@@ -19,14 +19,17 @@ SUMMARY_METRICS = ("dice", "f1", "precision", "recall", "hd", "hd95", "asd", "su
 
 
 def evaluate_cases(predict, cache: Cache, case_ids: Sequence[str], out_dir: str | Path,
-                   write_nifti: bool = True, figures: int = 4, progress: bool = True) -> dict:
+                   write_nifti: bool = True, figures: int = 4, progress: bool = True, write: bool = True) -> dict:
     """``predict(image (X, Y, Z, C)) -> labels (X, Y, Z)`` or multi-hot (X, Y, Z, K) on the cached
-    grid. Metrics use the cached grid and its spacing. Writes ``cases.csv``, ``summary.json``,
-    ``summary.md``, ``predictions/<case>.nii.gz`` (original geometry) and ``figures/*.png``."""
+    grid. Metrics use the cached grid and its spacing. Writes (unless ``write`` is False: the
+    other processes of a multi-host run) ``cases.csv``, ``summary.json``, ``summary.md``,
+    ``predictions/<case>.nii.gz`` (original geometry) and ``figures/*.png``."""
     from tqdm import tqdm
 
     out = Path(out_dir)
-    (out / "predictions").mkdir(parents=True, exist_ok=True)
+    write_nifti, figures = write_nifti and write, figures if write else 0
+    if write:
+        (out / "predictions").mkdir(parents=True, exist_ok=True)
     multilabel = cache.regions is not None
     names = cache.class_names
     rows, per_case = [], []
@@ -49,14 +52,15 @@ def evaluate_cases(predict, cache: Cache, case_ids: Sequence[str], out_dir: str 
             save_nifti(out / "predictions" / f"{cid}.nii.gz", restored.astype(np.uint8), affine)
         if i < figures:
             overlay_png(image, truth, pred, multilabel, out / "figures" / f"{cid}.png", title=cid)
-    with open(out / "cases.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["case"])
-        w.writeheader()
-        w.writerows(rows)
     summary = {"aggregate": M.aggregate(per_case, SUMMARY_METRICS),
                "pooled": M.pooled_precision_recall(per_case), "cases": list(case_ids)}
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
-    (out / "summary.md").write_text(summary_table(summary["aggregate"]))
+    if write:
+        with open(out / "cases.csv", "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["case"])
+            w.writeheader()
+            w.writerows(rows)
+        (out / "summary.json").write_text(json.dumps(summary, indent=1))
+        (out / "summary.md").write_text(summary_table(summary["aggregate"]))
     return summary
 
 
@@ -69,7 +73,7 @@ def summary_table(agg: Mapping[str, Mapping[str, Mapping[str, float]]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def overlay_png(image, truth, pred, multilabel: bool, path: Path, title: str = "") -> None:
+def _overlay_figure(image, truth, pred, multilabel: bool, title: str = ""):
     """Axial slice through the largest ground-truth area: image, truth and prediction overlays."""
     import matplotlib
     matplotlib.use("Agg")
@@ -90,9 +94,28 @@ def overlay_png(image, truth, pred, multilabel: bool, path: Path, title: str = "
         ax.axis("off")
     fig.suptitle(f"{title} (slice {z})")
     fig.tight_layout()
+    return fig
+
+
+def overlay_png(image, truth, pred, multilabel: bool, path: Path, title: str = "") -> None:
+    import matplotlib.pyplot as plt
+
+    fig = _overlay_figure(image, truth, pred, multilabel, title)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=90)
     plt.close(fig)
+
+
+def overlay_rgb(image, truth, pred, multilabel: bool, title: str = "") -> np.ndarray:
+    """The overlay figure as an (H, W, 3) uint8 array (for TensorBoard image summaries)."""
+    import matplotlib.pyplot as plt
+
+    fig = _overlay_figure(image, truth, pred, multilabel, title)
+    fig.set_dpi(60)
+    fig.canvas.draw()
+    rgb = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+    plt.close(fig)
+    return rgb
 
 
 def plot_loss_curves(curves: Mapping[str, str | Path], path: str | Path, key: str = "loss") -> None:

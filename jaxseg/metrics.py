@@ -80,6 +80,8 @@ def _percentile(d: np.ndarray, q: float | None) -> float:
 def surface_metrics(pred: np.ndarray, truth: np.ndarray, spacing: Sequence[float] | None = None,
                     tolerance: float = 1.0) -> dict[str, float]:
     """hd, hd95, asd and surface_dice for one pair of binary masks."""
+    if not (math.isfinite(tolerance) and tolerance >= 0):
+        raise ValueError(f"tolerance must be a finite distance >= 0 (in the spacing's unit), got {tolerance}")
     pred, truth = np.asarray(pred, bool), np.asarray(truth, bool)
     spacing = tuple(float(s) for s in spacing) if spacing is not None else (1.0,) * pred.ndim
     ep, et = surfaces(pred, truth)
@@ -145,6 +147,10 @@ def case_metrics(pred: np.ndarray, truth: np.ndarray, spacing: Sequence[float] |
     else:
         k = num_classes or (len(class_names) if class_names is not None else
                             max(2, int(max(pred.max(initial=0), truth.max(initial=0))) + 1))
+        for name, x in (("pred", pred), ("truth", truth)):
+            if x.size and (x.min() < 0 or x.max() >= k):
+                raise ValueError(f"{name} labels must lie in [0, {k - 1}] for {k} classes, got values in "
+                                 f"[{x.min()}, {x.max()}]")
         ids = list(range(0 if include_background else 1, k))
         masks = [(pred == c, truth == c) for c in ids]
     names = [class_names[c] if class_names is not None else str(c) for c in ids]

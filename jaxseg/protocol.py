@@ -7,7 +7,9 @@ import json
 import math
 from pathlib import Path
 
-from jaxseg.config import Config
+from jaxseg.config import CHOICES, Config
+from jaxseg.errors import UserError
+from jaxseg.run_settings import atomic_write_text, is_primary
 from jaxseg.evaluate import plot_loss_curves
 from jaxseg.train.run import ensure_data, run_evaluation, run_finetuning, run_pretraining
 
@@ -15,25 +17,32 @@ TABLE_METRICS = ("dice", "f1", "hd", "hd95")
 
 
 def run_table1(cfg: Config, workdir: str | Path, objectives=("contrastive", "comparative"),
-               budgets=(2, 0), progress: bool = True) -> dict:
+               budgets=(2, 0), progress: bool = True, overwrite: bool = False) -> dict:
     """Returns and writes (``table1.json``, ``table1.md``, ``pretrain_loss.png``) every number.
     A budget of 0 means all labelled training cases."""
     root = Path(workdir)
+    bad = [o for o in objectives if o not in CHOICES["objective"]]
+    if bad or any(b < 0 for b in budgets):
+        raise UserError(f"objectives must be among {CHOICES['objective']} and budgets >= 0, got {list(objectives)} "
+                        f"and {list(budgets)}")
     ensure_data(cfg, root, progress)
     pre = {}
     for obj in objectives:
-        _, summary = run_pretraining(cfg.replace(objective=obj), root, out_name=f"pretrain_{obj}", progress=progress)
+        _, summary = run_pretraining(cfg.replace(objective=obj), root, out_name=f"pretrain_{obj}", progress=progress,
+                                     overwrite=overwrite)
         pre[obj] = summary
-    plot_loss_curves({f"{o} {s}": root / f"pretrain_{o}" / s / "metrics.jsonl" for o in objectives for s in ("feat", "recon")},
-                     root / "pretrain_loss.png")
+    if is_primary():
+        plot_loss_curves({f"{o} {s}": root / f"pretrain_{o}" / s / "metrics.jsonl"
+                          for o in objectives for s in ("feat", "recon")}, root / "pretrain_loss.png")
     rows = []
     for budget in budgets:
         for init in ("none", *objectives):
             name = f"finetune_{init}_{budget or 'all'}"
             params_path = None if init == "none" else root / f"pretrain_{init}" / "params.msgpack"
             _, ft = run_finetuning(cfg.replace(label_budget=budget), root, init=params_path, out_name=name,
-                                   progress=progress)
-            ev = run_evaluation(cfg, root, root / name / "best.msgpack", out_name=f"{name}/test", progress=progress)
+                                   progress=progress, overwrite=overwrite)
+            ev = run_evaluation(cfg, root, root / name / "best.msgpack", out_name=f"{name}/test", progress=progress,
+                                overwrite=overwrite)
             rows.append({
                 "init": init, "labels": len(ft["label_cases"]), "budget": budget or "all",
                 "pretrain_s": pre[init]["train_s"] if init != "none" else 0.0,
@@ -42,9 +51,10 @@ def run_table1(cfg: Config, workdir: str | Path, objectives=("contrastive", "com
                 "metrics": {cls: {m: ev["aggregate"][cls][m]["mean"] for m in TABLE_METRICS}
                             for cls in ev["aggregate"]},
             })
-    result = {"config": cfg.__dict__, "pretraining": pre, "rows": rows}
-    (root / "table1.json").write_text(json.dumps(result, indent=1, default=str))
-    (root / "table1.md").write_text(table_markdown(rows))
+    result = {"config": cfg.as_dict(), "pretraining": pre, "rows": rows}
+    if is_primary():
+        atomic_write_text(root / "table1.json", json.dumps(result, indent=1, default=str))
+        atomic_write_text(root / "table1.md", table_markdown(rows))
     return result
 
 

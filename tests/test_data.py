@@ -8,6 +8,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from jaxseg.errors import UserError
+
 from jaxseg.data import (Cache, DataValidationError, FinetuneDataConfig, PretrainDataConfig, finetune_dataset,
                          label_budget, load_dataset_json, make_iterator, prepare, pretrain_dataset, split_cases,
                          validate_dataset, write_phantom_dataset)
@@ -131,7 +133,7 @@ def test_every_validation_problem_is_reported_with_its_file(tmp_path, spleen_dir
 
 
 def test_missing_dataset_json(tmp_path):
-    with pytest.raises(FileNotFoundError, match="dataset.json"):
+    with pytest.raises(UserError, match="dataset.json"):
         load_dataset_json(tmp_path)
 
 

@@ -1,4 +1,5 @@
-"""Entry points and benchmark scripts run end to end at a tiny size (smoke tests, no timings asserted)."""
+"""Entry points and benchmark scripts run end to end at a tiny size (smoke tests, no timings asserted).
+The model-step, inference and loss-scaling benchmarks run in tests/test_benchmarks.py (run_gpu.sh at toy size)."""
 
 import json
 import os
@@ -11,11 +12,11 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_module(module, *args, timeout=600):
+def run_module(module, *args, timeout=600, rc=0):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
     proc = subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.returncode == rc, proc.stdout + proc.stderr
     return proc.stdout + proc.stderr
 
 
@@ -24,22 +25,22 @@ def test_model_summary():
     assert "finite: True" in out and "(1, 32, 32, 32, 2)" in out
 
 
-def test_model_step_benchmark(tmp_path):
-    path = tmp_path / "ms.json"
-    out = run_module("benchmarks.model_step", "--preset=tiny", "--img_size=32", "--against=none",
-                     "--steps=2", "--warmup=0", f"--json_out={path}")
-    assert "train_step" in out
-    res = json.loads(path.read_text())
-    assert res["train_step"]["jaxseg"]["n"] == 2 and res["train_step"]["jaxseg"]["median_s"] > 0
+def _event_tags(folder):
+    """Scalar and image tags in a TensorBoard event file (TFRecord framing: length, crc, data, crc)."""
+    import struct
 
+    from tensorboardX.proto import event_pb2
 
-def test_loss_scaling_benchmark(tmp_path):
-    path, png = tmp_path / "ls.json", tmp_path / "ls.png"
-    run_module("benchmarks.loss_scaling", "--partitions=4,8", "--images=2", "--stages=decoder",
-               "--steps=1", "--k=8", f"--json_out={path}", f"--png={png}")
-    rows = json.loads(path.read_text())["rows"]
-    assert {r["objective"] for r in rows} >= {"comparative", "contrastive", "comparative_sampled"}
-    assert png.stat().st_size > 1000
+    scalars, images = set(), set()
+    for path in folder.glob("events.out.tfevents.*"):
+        data = path.read_bytes()
+        while data:
+            (n,) = struct.unpack("<Q", data[:8])
+            ev = event_pb2.Event.FromString(data[12:12 + n])
+            data = data[12 + n + 4:]
+            for v in ev.summary.value:
+                (images if v.HasField("image") else scalars).add(v.tag)
+    return scalars, images
 
 
 def test_prepare_phantom_and_pipeline_benchmark(tmp_path):
@@ -63,17 +64,40 @@ def test_pretrain_finetune_evaluate_entry_points(tmp_path):
     assert (wd / "pretrain" / "params.msgpack").is_file() and (wd / "pretrain" / "pretrain_loss.png").is_file()
     recs = [json.loads(l) for l in (wd / "pretrain" / "feat" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in recs] == [1, 2] and all("crops_per_s" in r and "data_wait_s" in r for r in recs)
+    md5 = (wd / "pretrain" / "params.msgpack").read_bytes()
+    # the same work dir with another objective: refused, old result untouched (not returned under the new name)
+    out = run_module("experiments.pretrain", *common, "--objective=comparative", "--stage1_steps=2",
+                     "--stage2_steps=2", rc=2)
+    assert "objective: 'contrastive' then, 'comparative' now" in out and "Traceback" not in out
+    assert (wd / "pretrain" / "params.msgpack").read_bytes() == md5
+    out = run_module("experiments.finetune", *common, "--label_budget=100", "--finetune_steps=2", rc=2)
+    assert "label_budget 100 exceeds" in out
     out = run_module("experiments.finetune", *common, f"--init={wd / 'pretrain' / 'params.msgpack'}",
                      "--finetune_steps=2", "--eval_every=2", "--label_budget=2")
     assert "best validation Dice" in out
+    scalars, images = _event_tags(wd / "finetune" / "tensorboard")
+    assert {"loss", "crops_per_s", "val_dice", "learning_rate"} <= scalars and images == {"validation/overlay"}
+    out = run_module("experiments.finetune", *common, "--finetune_steps=2", "--eval_every=2", "--label_budget=2", rc=2)
+    assert "init: {" in out and "then, None now" in out  # a finished run from another init is not returned
     out = run_module("experiments.evaluate", *common, f"--params={wd / 'finetune' / 'best.msgpack'}")
     ev = wd / "eval"
     assert (ev / "cases.csv").is_file() and (ev / "summary.md").is_file() and list((ev / "figures").glob("*.png"))
     split = json.loads((wd / "split.json").read_text())
     import nibabel as nib
+    scan = next(wd.glob(f"phantom_spleen*/imagesTr/{split['test'][0]}.nii.gz"))
+    out = run_module("experiments.predict", f"--model={wd / 'finetune'}", f"--input={scan}",
+                     f"--output={tmp_path / 'pred'}", "--probabilities")
+    seg = nib.load(str(tmp_path / "pred" / scan.name))
+    assert seg.shape == nib.load(str(scan)).shape[:3] and (tmp_path / "pred" / "predictions.json").is_file()
+    out = run_module("experiments.predict", f"--model={wd}", f"--input={scan}", f"--output={tmp_path / 'p2'}", rc=2)
+    assert "not a trained run" in out
+    import jaxseg
+
+    model, params, prep = jaxseg.load_model(wd / "finetune")  # one call: model, weights, preprocessing
+    assert model.out_channels == 2 and prep.in_channels == 1 and prep.class_names[1] == "spleen"
     for cid in split["test"]:  # predictions come back in the original image geometry
         pred = nib.load(str(ev / "predictions" / f"{cid}.nii.gz"))
-        orig = nib.load(str(wd / "phantom_spleen" / "imagesTr" / f"{cid}.nii.gz"))
+        orig = nib.load(str(next(wd.glob(f"phantom_spleen*/imagesTr/{cid}.nii.gz"))))
         assert pred.shape == orig.shape[:3]
         np.testing.assert_allclose(pred.affine, orig.affine, atol=1e-5)
 
@@ -89,19 +113,18 @@ def test_table1_main_job_tiny(tmp_path):
     assert res["pretraining"]["comparative"]["train_s"] > 0 and (wd / "pretrain_loss.png").is_file()
 
 
-def test_pretrain_throughput_and_inference_benchmarks(tmp_path):
+def test_pretrain_throughput_benchmark(tmp_path):
     path = tmp_path / "pt.json"
-    out = run_module("benchmarks.pretrain_throughput", "--preset=tiny", "--crop_size=32", "--steps=2", "--warmup=0",
-                     "--objectives=comparative,comparative_sampled,contrastive", "--stages=feat",
+    run_module("benchmarks.pretrain_throughput", "--preset=tiny", "--crop_size=32", "--steps=2", "--warmup=0",
+                     "--objectives=comparative_sampled", "--stages=feat",
                      f"--work_dir={tmp_path / 'w'}", f"--json_out={path}")
     rows = json.loads(path.read_text())["rows"]
-    assert len(rows) == 6 and all(r["median_s"] > 0 and r["compile_s"] > 0 for r in rows)
+    # sampled triplets and batches from the grain pipeline: the rows run_gpu.sh (tests/test_benchmarks.py) leaves out
+    assert [(r["objective"], r["source"]) for r in rows] == [("comparative_sampled", "device"),
+                                                             ("comparative_sampled", "pipeline")]
+    assert all(r["median_s"] > 0 and r["compile_s"] > 0 and r["flops"] > 0 for r in rows)
     path = tmp_path / "conv.json"
     run_module("benchmarks.pretrain_throughput", "--mode=convergence", "--preset=tiny", "--max_steps=14",
                f"--work_dir={tmp_path / 'w'}", f"--json_out={path}")
     conv = json.loads(path.read_text())["convergence"]
     assert conv["comparative"]["steps"] >= 2 and conv["ratio_contrastive_over_comparative_wall"] > 0
-    path = tmp_path / "inf.json"
-    run_module("benchmarks.inference", "--preset=tiny", "--roi=32", "--cases=a:40x36x33x2x3", "--repeats=1",
-               "--against=none", f"--json_out={path}")
-    assert json.loads(path.read_text())["rows"][0]["median_s"] > 0

@@ -199,3 +199,11 @@ def test_dice_ce_errors():
         L.dice_ce_loss(jnp.zeros((1, 2, 2, 2, 2)), jnp.zeros((1, 2, 2, 2), int), "sigmoid")
     with pytest.raises(ValueError, match="matches neither"):
         L.dice_ce_loss(jnp.zeros((1, 2, 2, 2, 2)), jnp.zeros((1, 2, 2, 2, 3)))
+    # where MONAI refuses too: softmax over one channel, labels outside the classes (silently all-zero one-hot)
+    with pytest.raises(ValueError, match="one channel"):
+        L.dice_loss(jnp.zeros((1, 2, 2, 2, 1)), jnp.zeros((1, 2, 2, 2), int))
+    for bad in (2, -1):
+        with pytest.raises(ValueError, match=r"target labels must lie in \[0, 1\]"):
+            L.dice_ce_loss(jnp.zeros((1, 2, 2, 2, 2)), jnp.full((1, 2, 2, 2), bad))
+    # under jit the values are unknown: no check, no error (the training step's labels come from the pipeline)
+    assert jnp.isfinite(jax.jit(L.dice_ce_loss)(jnp.zeros((1, 2, 2, 2, 2)), jnp.zeros((1, 2, 2, 2), int)))

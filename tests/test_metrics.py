@@ -88,6 +88,16 @@ def test_multichannel_and_labels_and_names():
     assert set(out) == {"x", "y"} and out["y"]["dice"] == 1.0
     with pytest.raises(ValueError, match="differs"):
         M.case_metrics(np.zeros((3, 3, 3)), np.zeros((3, 3, 4)))
+    with pytest.raises(ValueError, match=r"truth labels must lie in \[0, 2\]"):
+        M.case_metrics(lab_p, lab_p + 1, num_classes=3)
+    with pytest.raises(ValueError, match="pred labels"):
+        M.case_metrics(lab_p.astype(int) - 1, lab_p, num_classes=3)
+
+
+@pytest.mark.parametrize("tol", [float("inf"), float("nan"), -1.0])
+def test_surface_dice_tolerance_must_be_a_finite_distance(tol):
+    with pytest.raises(ValueError, match="tolerance"):
+        M.surface_metrics(blob(4), blob(5), tolerance=tol)
 
 
 def test_hausdorff_honours_spacing_exactly():

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from jaxseg.models import UNETR, from_monai, load_monai_checkpoint
+from jaxseg.models import UNETR, from_monai, init_params, load_monai_checkpoint, save_monai_checkpoint, to_monai
 from tests.monai_ref import monai_unetr, state_dict_numpy, to_channels_last, to_torch
 
 CONFIGS = [
@@ -46,6 +46,55 @@ def test_forward_and_input_grad_match_monai(cfg, conv_impl):
     grad = jax.jit(jax.grad(lambda x: jnp.mean(jnp.square(model.apply(params, x)))))(jnp.asarray(x))
     assert _rel(np.asarray(out), ref_out) <= 1e-4
     assert _rel(np.asarray(grad), ref_grad) <= 1e-4
+
+
+@pytest.mark.parametrize("cfg", [CONFIGS[0], CONFIGS[2]], ids=["L2-in1-out2", "L3-perceptron-basic"])
+def test_to_monai_round_trip_and_monai_forward_on_exported_weights(cfg, tmp_path):
+    """jaxseg -> MONAI -> jaxseg is the identity, and MONAI's own forward on weights trained in
+    jaxseg (here: a jaxseg init) equals jaxseg's."""
+    model = UNETR(**cfg)
+    rng = np.random.default_rng(3)  # random biases and norms too, so that a swapped leaf shows
+    params = jax.tree_util.tree_map(lambda p: p + 0.05 * rng.standard_normal(p.shape).astype(np.float32),
+                                    init_params(model, 3))
+    sd = to_monai(params, model)
+    net = monai_unetr(cfg["num_layers"], **{k: v for k, v in cfg.items() if k != "num_layers"})
+    net.load_state_dict({k: torch.from_numpy(v) for k, v in sd.items()}, strict=True)  # every key, right shapes
+    back = from_monai(sd, model)
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(params), jax.tree_util.tree_leaves(back)):
+        np.testing.assert_array_equal(np.asarray(a), b, err_msg=jax.tree_util.keystr(path))
+    size = cfg["img_size"] if isinstance(cfg["img_size"], tuple) else (cfg["img_size"],) * 3
+    x = np.random.default_rng(1).standard_normal((1, *size, cfg["in_channels"])).astype(np.float32)
+    with torch.no_grad():
+        ref = to_channels_last(net.eval()(to_torch(x)))
+    assert _rel(np.asarray(jax.jit(model.apply)(params, jnp.asarray(x))), ref) <= 1e-4
+    save_monai_checkpoint(params, model, str(tmp_path / "unetr.pt"))
+    again = load_monai_checkpoint(str(tmp_path / "unetr.pt"), model)
+    np.testing.assert_array_equal(again["params"]["out"]["kernel"], np.asarray(params["params"]["out"]["kernel"]))
+
+
+def test_forward_matches_unmodified_monai_unetr_12_layers():
+    """MONAI's own UNETR.forward, not the layer-count-generalised one of tests/monai_ref.py: the
+    full 12-block depth and MONAI's hard-coded skips (blocks 3, 6, 9), at a small width."""
+    from monai.networks.nets import UNETR as MonaiUNETR
+
+    torch.manual_seed(0)
+    net = MonaiUNETR(in_channels=1, out_channels=2, img_size=32, feature_size=8, hidden_size=96, mlp_dim=192,
+                     num_heads=4).eval()
+    with torch.no_grad():  # random biases and norms too (MONAI starts them at 0 / 1)
+        for p in net.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    model = UNETR(in_channels=1, out_channels=2, img_size=32, feature_size=8, hidden_size=96, mlp_dim=192,
+                  num_heads=4)
+    params = from_monai({k: v.detach().numpy() for k, v in net.state_dict().items()}, model)
+    x = np.random.default_rng(0).standard_normal((1, 32, 32, 32, 1)).astype(np.float32)
+    net = net.double()
+    xt = to_torch(x.astype(np.float64)).requires_grad_(True)
+    ref = net(xt)
+    ref.square().mean().backward()
+    out = jax.jit(model.apply)(params, jnp.asarray(x))
+    grad = jax.jit(jax.grad(lambda x: jnp.mean(jnp.square(model.apply(params, x)))))(jnp.asarray(x))
+    assert _rel(np.asarray(out), to_channels_last(ref)) <= 1e-4
+    assert _rel(np.asarray(grad), to_channels_last(xt.grad)) <= 1e-4
 
 
 def test_converter_rejects_mismatched_state_dict():

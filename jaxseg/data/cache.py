@@ -8,15 +8,21 @@ never leaves a folder that looks complete; re-running skips complete, readable c
 from __future__ import annotations
 
 import concurrent.futures as cf
-import multiprocessing as mp
+import contextlib
 import dataclasses
+import errno
+import fcntl
+import hashlib
 import json
+import multiprocessing as mp
 import os
 import shutil
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+
+from jaxseg.errors import UserError
 
 from jaxseg.data.msd import Case, DatasetInfo, DataValidationError, check_case, load_nifti
 from jaxseg.data.preprocess import brats_regions, preprocess_case
@@ -29,9 +35,59 @@ class PrepareConfig:
     target_spacing: tuple[float, float, float] = (1.0, 1.0, 1.0)
     ct_range: tuple[float, float] = (-175.0, 250.0)
 
+    def __post_init__(self):
+        sp = tuple(self.target_spacing)
+        if len(sp) != 3 or not all(float(v) > 0 for v in sp):
+            raise UserError(f"spacing must be three positive numbers (mm), got {list(sp)}")
+        if len(self.ct_range) != 2 or not self.ct_range[0] < self.ct_range[1]:
+            raise UserError(f"ct_range must be (low, high) with low < high, got {list(self.ct_range)}")
+
 
 def case_dir(out_dir: Path, case_id: str) -> Path:
     return Path(out_dir) / "cases" / case_id
+
+
+def dataset_fingerprint(info: DatasetInfo) -> str:
+    """Changes when dataset.json or any file it names changes (name, size, modification time)."""
+    h = hashlib.sha256((Path(info.root) / "dataset.json").read_bytes())
+    for case in (*info.training, *info.test):
+        for f in (case.image, case.label):
+            if f is not None:
+                try:
+                    st = os.stat(f)
+                    h.update(f"{f}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+                except OSError:
+                    h.update(f"{f}|missing\n".encode())
+    return h.hexdigest()
+
+
+def is_current(info: DatasetInfo, out_dir: str | Path, cfg: PrepareConfig) -> bool:
+    """Whether ``out_dir`` already holds ``info`` prepared with ``cfg`` (then nothing to do)."""
+    try:
+        index = json.loads((Path(out_dir) / INDEX).read_text())
+    except (OSError, ValueError):
+        return False
+    return index.get("prepare") == _settings(cfg) and index.get("fingerprint") == dataset_fingerprint(info)
+
+
+def _settings(cfg: PrepareConfig) -> dict:
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
+def _source_stamp(case: Case) -> list:
+    return [[str(f), os.stat(f).st_size, os.stat(f).st_mtime_ns] for f in (case.image, case.label) if f is not None]
+
+
+@contextlib.contextmanager
+def _locked(out_dir: Path):
+    """One ``prepare`` at a time per cache folder (others wait, then find their cases done)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(out_dir / ".lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def is_complete(path: Path) -> bool:
@@ -52,8 +108,14 @@ def is_complete(path: Path) -> bool:
 def _prepare_one(case: Case, info: DatasetInfo, out_dir: Path, cfg: PrepareConfig,
                  require_label: bool) -> tuple[str, list[str]]:
     final = case_dir(out_dir, case.case_id)
+    try:
+        stamp = _source_stamp(case)
+    except OSError:
+        stamp = None  # a missing file: reported below
     if is_complete(final):
-        return "skipped", []
+        meta = json.loads((final / "meta.json").read_text())
+        if meta.get("prepare") == _settings(cfg) and meta.get("source") == stamp:
+            return "skipped", []
     try:
         image, affine = load_nifti(case.image)
     except DataValidationError as e:
@@ -70,17 +132,27 @@ def _prepare_one(case: Case, info: DatasetInfo, out_dir: Path, cfg: PrepareConfi
     out = preprocess_case(image, affine, label, target_spacing=cfg.target_spacing, ct=info.is_ct,
                           ct_range=cfg.ct_range)
     tmp = final.parent / f".tmp-{case.case_id}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    np.save(tmp / "image.npy", out["image"])
-    if out["label"] is not None:
-        np.save(tmp / "label.npy", out["label"])
     meta = {**out["meta"], "case_id": case.case_id, "image_file": str(case.image),
             "label_file": str(case.label) if case.label else None, "has_label": out["label"] is not None,
-            "cached_shape": list(out["image"].shape)}
-    (tmp / "meta.json").write_text(json.dumps(meta))
-    shutil.rmtree(final, ignore_errors=True)  # an incomplete leftover
-    os.replace(tmp, final)
+            "cached_shape": list(out["image"].shape), "prepare": _settings(cfg), "source": stamp}
+    target = tmp
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        target = tmp / "image.npy"
+        np.save(target, out["image"])
+        if out["label"] is not None:
+            target = tmp / "label.npy"
+            np.save(target, out["label"])
+        target = tmp / "meta.json"
+        target.write_text(json.dumps(meta))
+        shutil.rmtree(final, ignore_errors=True)  # an outdated or incomplete leftover
+        os.replace(tmp, final)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        full = e.errno == errno.ENOSPC or shutil.disk_usage(final.parent).free < 64 * 2**20
+        return "failed", [f"{target}: could not write the cached case" + (": the disk is full" if full else "")
+                          + f" ({type(e).__name__}: {e})"]
     return "done", []
 
 
@@ -90,7 +162,17 @@ def prepare(info: DatasetInfo, out_dir: str | Path, cfg: PrepareConfig = Prepare
     in parallel processes. Cases with problems are not cached; all problems are raised together
     at the end as ``DataValidationError`` (valid cases stay cached, no work is lost)."""
     out_dir = Path(out_dir)
+    if workers is not None and workers < 1:
+        raise UserError(f"workers must be >= 1 (or None: one per core), got {workers}")
+    with _locked(out_dir):
+        return _prepare_locked(info, out_dir, cfg, workers, include_test, progress)
+
+
+def _prepare_locked(info, out_dir: Path, cfg: PrepareConfig, workers, include_test: bool, progress: bool) -> dict:
     (out_dir / "cases").mkdir(parents=True, exist_ok=True)
+    for stale in (out_dir / "cases").glob(".tmp-*"):  # left by a killed run (we hold the lock)
+        shutil.rmtree(stale, ignore_errors=True)
+    fingerprint = dataset_fingerprint(info)
     jobs = [(c, True) for c in info.training] + ([(c, False) for c in info.test] if include_test else [])
     workers = workers or max(1, min(len(jobs), os.cpu_count() or 1))
     status: dict[str, int] = {"done": 0, "skipped": 0, "failed": 0}
@@ -114,12 +196,13 @@ def prepare(info: DatasetInfo, out_dir: str | Path, cfg: PrepareConfig = Prepare
         "training": [c.case_id for c in info.training if is_complete(case_dir(out_dir, c.case_id))],
         "test": [c.case_id for c in info.test if include_test and is_complete(case_dir(out_dir, c.case_id))],
         "target_spacing": list(cfg.target_spacing), "is_ct": info.is_ct,
+        "prepare": _settings(cfg), "fingerprint": fingerprint if not problems else None,
     }
     try:
         index["regions"] = brats_regions(info.labels)
     except ValueError:
         index["regions"] = None
-    tmp = out_dir / f".{INDEX}.tmp"
+    tmp = out_dir / f".{INDEX}.{os.getpid()}.tmp"
     tmp.write_text(json.dumps(index, indent=1))
     os.replace(tmp, out_dir / INDEX)
     if problems:
@@ -134,7 +217,7 @@ class Cache:
         self.root = Path(root)
         path = self.root / INDEX
         if not path.is_file():
-            raise FileNotFoundError(f"{path}: missing; run `python -m experiments.prepare` first")
+            raise UserError(f"{path}: missing; run `python -m experiments.prepare` first")
         self.index = json.loads(path.read_text())
         self.labels = {int(k): v for k, v in self.index["labels"].items()}
         self.regions: dict[str, list[int]] | None = self.index.get("regions")
@@ -143,10 +226,6 @@ class Cache:
     @property
     def training(self) -> list[str]:
         return list(self.index["training"])
-
-    @property
-    def test(self) -> list[str]:
-        return list(self.index["test"])
 
     @property
     def num_classes(self) -> int:

@@ -12,8 +12,10 @@ from typing import Sequence
 import nibabel as nib
 import numpy as np
 
+from jaxseg.errors import UserError
 
-class DataValidationError(ValueError):
+
+class DataValidationError(UserError):
     """Raised with every problem found; ``problems`` lists them, each naming its file."""
 
     def __init__(self, problems: Sequence[str]):
@@ -63,7 +65,7 @@ def load_dataset_json(root: str | Path) -> DatasetInfo:
     root = Path(root)
     path = root / "dataset.json"
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: missing; an MSD dataset folder needs a dataset.json")
+        raise UserError(f"{path}: missing; an MSD dataset folder needs a dataset.json")
     try:
         meta = json.loads(path.read_text())
     except json.JSONDecodeError as e:
@@ -71,6 +73,12 @@ def load_dataset_json(root: str | Path) -> DatasetInfo:
     missing = [k for k in ("modality", "labels", "training") if k not in meta]
     if missing:
         raise DataValidationError([f"{path}: missing key(s) {missing}"])
+    problems = [f"{path}: training entry {i} has no \"image\" path" for i, e in enumerate(meta["training"])
+                if not isinstance(e, dict) or not isinstance(e.get("image"), str)]
+    problems += [f"{path}: {key} key {k!r} is not an integer" for key in ("modality", "labels")
+                 for k in meta[key] if not str(k).lstrip("-").isdigit()]
+    if problems:
+        raise DataValidationError(problems)
     training = tuple(
         Case(case_id_from_path(e["image"]), _resolve(root, e["image"]),
              _resolve(root, e["label"]) if e.get("label") else None)

@@ -10,14 +10,25 @@ import jax
 import jax.numpy as jnp
 
 
+def _concrete(x) -> bool:
+    """True outside ``jit`` (values can be checked), False for a tracer."""
+    return not isinstance(x, jax.core.Tracer)
+
+
 def _probs_and_onehot(logits, target, mode):
     if mode not in ("softmax", "sigmoid"):
         raise ValueError(f"mode must be 'softmax' or 'sigmoid', got {mode!r}")
     logits = logits.astype(jnp.float32)
     k = logits.shape[-1]
+    if mode == "softmax" and k == 1:
+        raise ValueError("logits have one channel: a softmax over it is constant (the loss would not "
+                         "train); use mode='sigmoid' or two output channels")
     if target.ndim == logits.ndim - 1:
         if mode == "sigmoid":
             raise ValueError("sigmoid mode needs multi-hot targets (B, D, H, W, K), got integer labels")
+        if _concrete(target) and target.size and (int(jnp.min(target)) < 0 or int(jnp.max(target)) >= k):
+            raise ValueError(f"target labels must lie in [0, {k - 1}] for {k} output channels, got values in "
+                             f"[{int(jnp.min(target))}, {int(jnp.max(target))}]")
         target = jax.nn.one_hot(target, k, dtype=jnp.float32)
     elif target.shape != logits.shape:
         raise ValueError(f"target shape {target.shape} matches neither labels {logits.shape[:-1]} nor logits {logits.shape}")

@@ -1,6 +1,13 @@
 """Checkpoints: orbax ``CheckpointManager`` holding the train state, the grain iterator state
 and a small JSON of run metadata together. Orbax writes each step to a temporary folder and
-renames it when complete, so a killed save never replaces the last good checkpoint."""
+renames it when complete, so a killed save never replaces the last good checkpoint.
+
+Two formats on purpose: resumable training state is an orbax checkpoint (several items, kept
+per step, restored together); the final weights a run hands on (``params.msgpack``,
+``best.msgpack``) are one flax-msgpack file each, because a single file is replaced atomically
+by one rename however often it is rewritten (``best`` at every better validation), can be
+copied or shared as is, and reads back without orbax. ``jaxseg.load_model`` reads them.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +20,8 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 
+from jaxseg.errors import UserError
+
 
 def check_workdir(workdir: str | Path, min_free_bytes: int = 200 * 2**20) -> Path:
     """Fail before training if the work dir cannot be written or its disk is (nearly) full."""
@@ -23,10 +32,10 @@ def check_workdir(workdir: str | Path, min_free_bytes: int = 200 * 2**20) -> Pat
         probe.write_bytes(b"x")
         probe.unlink()
     except OSError as e:
-        raise RuntimeError(f"work dir {path} is not writable: {e}") from None
+        raise UserError(f"work dir {path} is not writable: {e}") from None
     free = shutil.disk_usage(path).free
     if free < min_free_bytes:
-        raise RuntimeError(f"work dir {path}: only {free / 2**20:.0f} MiB free on its disk, "
+        raise UserError(f"work dir {path}: only {free / 2**20:.0f} MiB free on its disk, "
                            f"need at least {min_free_bytes / 2**20:.0f} MiB for checkpoints")
     return path
 
@@ -50,10 +59,10 @@ class Checkpointer:
         self.manager.save(step, args=ocp.args.Composite(**items), force=True)
         self.manager.wait_until_finished()
 
-    def restore(self, state_template: Any, data_iter: Any | None, step: int | None = None):
-        """(state, extra) from the latest (or given) step, restoring ``data_iter`` in place;
-        None when there is no checkpoint."""
-        step = self.latest_step() if step is None else step
+    def restore(self, state_template: Any, data_iter: Any | None):
+        """(state, extra) from the latest step, restoring ``data_iter`` in place; None when there
+        is no checkpoint."""
+        step = self.latest_step()
         if step is None:
             return None
         abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, state_template)
@@ -83,5 +92,5 @@ def load_params(path: str | Path, template: Any) -> Any:
 
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no parameters file")
+        raise UserError(f"{path}: no parameters file")
     return serialization.from_bytes(template, path.read_bytes())

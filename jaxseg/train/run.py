@@ -12,12 +12,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxseg.config import Config
+from jaxseg.config import Config, job_settings
 from jaxseg.data import (Cache, FinetuneDataConfig, PrepareConfig, PretrainDataConfig, finetune_dataset,
                          label_budget, load_dataset_json, make_iterator, prepare, pretrain_dataset, split_cases,
                          write_phantom_dataset)
+from jaxseg.data.cache import is_current
 from jaxseg.data.preprocess import label_channels
-from jaxseg.evaluate import evaluate_cases, plot_loss_curves
+from jaxseg.errors import UserError
+from jaxseg.predict import MODEL_CARD, model_card
+from jaxseg.run_settings import atomic_write_text, barrier, claim_output_dir, file_digest, is_primary
+from jaxseg.evaluate import evaluate_cases, overlay_rgb, plot_loss_curves
+from jaxseg import models
 from jaxseg.models import unetr_from_preset
 from jaxseg.models.unetr import UNETR
 from jaxseg.train.checkpoint import check_workdir, load_params, save_params
@@ -32,18 +37,23 @@ def ensure_data(cfg: Config, workdir: Path, progress: bool = True) -> tuple[Cach
     """The cache for ``cfg`` (a phantom dataset when ``cfg.data_dir`` is empty) and its seeded
     train / val / test split."""
     workdir = Path(workdir)
-    data_dir = Path(cfg.data_dir) if cfg.data_dir else workdir / f"phantom_{cfg.phantom}"
-    if not cfg.data_dir and not (data_dir / "dataset.json").is_file():
-        write_phantom_dataset(data_dir, cfg.phantom, cfg.phantom_subjects, seed=cfg.seed)
+    data_dir = Path(cfg.data_dir) if cfg.data_dir else workdir / f"phantom_{cfg.phantom}_{cfg.phantom_subjects}_{cfg.seed}"
     cache_dir = workdir / "cache"
-    if not (cache_dir / "cache.json").is_file() or cfg.data_dir:
-        prepare(load_dataset_json(data_dir), cache_dir, PrepareConfig(target_spacing=(cfg.target_spacing,) * 3),
-                progress=progress)
+    if is_primary():  # the other processes wait, then read what process 0 prepared
+        if not cfg.data_dir and not (data_dir / "dataset.json").is_file():
+            write_phantom_dataset(data_dir, cfg.phantom, cfg.phantom_subjects, seed=cfg.seed)
+        info = load_dataset_json(data_dir)
+        prep = PrepareConfig(target_spacing=(cfg.target_spacing,) * 3)
+        if not is_current(info, cache_dir, prep):  # validated and prepared once, redone when data or settings change
+            prepare(info, cache_dir, prep, progress=progress)
+    barrier("prepare")
     cache = Cache(cache_dir)
     split = split_cases(cache.training, cfg.val_fraction, cfg.test_fraction, cfg.seed)
     if len(split["train"]) < 2:
-        raise ValueError(f"need at least 2 training cases after the split, got {len(split['train'])}")
-    (workdir / "split.json").write_text(json.dumps(split, indent=1))
+        raise UserError(f"need at least 2 training cases after the split, got {len(split['train'])} "
+                        f"({len(cache.training)} cases, val_fraction {cfg.val_fraction}, test_fraction {cfg.test_fraction})")
+    if is_primary():
+        atomic_write_text(workdir / "split.json", json.dumps(split, indent=1))
     return cache, split
 
 
@@ -54,25 +64,35 @@ def make_model(cfg: Config, cache: Cache) -> UNETR:
 
 
 def init_params(model: UNETR, cfg: Config) -> Any:
-    x = jnp.zeros((1, *(cfg.crop_size,) * 3, model.in_channels))
-    return jax.jit(model.init)(jax.random.key(cfg.seed), x)
+    return models.init_params(model, cfg.seed)
 
 
-def _job_setup(cfg: Config, workdir, out_name: str, progress: bool):
-    """(root, cache, split, output dir, model, freshly initialised params) for one job."""
+def _job_setup(cfg: Config, workdir, out_name: str, progress: bool, job: str, overwrite: bool = False,
+               extra: dict | None = None, **inputs: str | Path | None):
+    """(root, cache, split, output dir, model, freshly initialised params) for one job. The
+    output dir records the settings (and input files, by digest) that its results depend on."""
     root = check_workdir(workdir)
     cache, split = ensure_data(cfg, root, progress)
+    if job == "finetune" and cfg.label_budget > len(split["train"]):
+        raise UserError(f"label_budget {cfg.label_budget} exceeds the {len(split['train'])} labelled training "
+                        f"cases; use 1..{len(split['train'])} (0: all)")
+    settings = {**job_settings(cfg, job), "data": file_digest(Path(cache.root) / "cache.json"),
+                **{k: None if v is None else {"path": str(Path(v).absolute()), "sha256": file_digest(v)}
+                   for k, v in inputs.items()}, **(extra or {})}
+    out = claim_output_dir(root / out_name, settings, overwrite)
+    if is_primary() and job in ("pretrain", "finetune"):  # what load_model needs beside the weights
+        atomic_write_text(out / MODEL_CARD, json.dumps(model_card(cfg, cache), indent=1))
     model = make_model(cfg, cache)
-    return root, cache, split, check_workdir(root / out_name), model, init_params(model, cfg)
+    return root, cache, split, check_workdir(out), model, init_params(model, cfg)
 
 
 def run_pretraining(cfg: Config, workdir: str | Path, out_name: str = "pretrain",
-                    progress: bool = True) -> tuple[Any, dict]:
+                    progress: bool = True, overwrite: bool = False) -> tuple[Any, dict]:
     """Stage 1 (enc4 features) then stage 2 (decoder outputs), each until convergence or its step
     limit, resuming if a run was interrupted. Data and cache live in ``workdir``; outputs in
     ``workdir/out_name``: ``params.msgpack``, per-stage metrics and summaries,
     ``pretrain_loss.png``. Returns (params, summary)."""
-    _, cache, split, workdir, model, params = _job_setup(cfg, workdir, out_name, progress)
+    _, cache, split, workdir, model, params = _job_setup(cfg, workdir, out_name, progress, "pretrain", overwrite)
     mesh = data_mesh()
     multilabel = cache.regions is not None
     dcfg = PretrainDataConfig(crop_size=cfg.crop_size, volumes_per_step=cfg.volumes_per_step,
@@ -90,42 +110,47 @@ def run_pretraining(cfg: Config, workdir: str | Path, out_name: str = "pretrain"
             prepare_batch=functools.partial(shard_batch, mesh=mesh),
             crops_per_step=cfg.volumes_per_step * cfg.crops_per_volume, ckpt_every=cfg.ckpt_every,
             should_stop=functools.partial(converged, window=cfg.convergence_window, rtol=cfg.convergence_rtol),
-            progress=progress)
+            progress=progress, learning_rate=cfg.lr)
         params = state.params
         summaries[stage] = summary
-    save_params(workdir / "params.msgpack", params)
     total = {"objective": cfg.objective, "stages": summaries,
              "train_s": sum(s["train_s"] for s in summaries.values()),
              "compile_s": sum(s["compile_s"] or 0.0 for s in summaries.values()),
              "steps": sum(s["end_step"] for s in summaries.values())}
-    (workdir / "pretrain_summary.json").write_text(json.dumps(total, indent=1))
-    plot_loss_curves({f"{cfg.objective} {s}": workdir / s / "metrics.jsonl" for s in summaries},
-                     workdir / "pretrain_loss.png")
+    if is_primary():
+        save_params(workdir / "params.msgpack", params)
+        atomic_write_text(workdir / "pretrain_summary.json", json.dumps(total, indent=1))
+        plot_loss_curves({f"{cfg.objective} {s}": workdir / s / "metrics.jsonl" for s in summaries},
+                         workdir / "pretrain_loss.png")
     return params, total
 
 
-def validation_dice(apply_fn, params, cache: Cache, case_ids, cfg: Config) -> float:
-    """Mean foreground Dice over ``case_ids``; ``apply_fn`` is ``jax.jit(model.apply)``."""
+def validation_dice(apply_fn, params, cache: Cache, case_ids, cfg: Config, figure: bool = False):
+    """Mean foreground Dice over ``case_ids``; ``apply_fn`` is ``jax.jit(model.apply)``. With
+    ``figure``, returns (Dice, RGB overlay of the first case)."""
     multilabel = cache.regions is not None
-    scores = []
+    scores, rgb = [], None
     for cid in case_ids:
-        pred = predict_volume(apply_fn, params, np.asarray(cache.image(cid)), cfg.crop_size, cfg.sw_batch_size,
-                              cfg.overlap, multilabel)
-        truth = np.asarray(cache.label(cid))
-        if multilabel:
-            truth = label_channels(truth, cache.regions)
+        image = np.asarray(cache.image(cid))
+        pred = predict_volume(apply_fn, params, image, cfg.crop_size, cfg.sw_batch_size, cfg.overlap, multilabel)
+        label = np.asarray(cache.label(cid))
+        truth = label_channels(label, cache.regions) if multilabel else label
         scores += dice_per_class(pred, truth, cache.num_classes, multilabel)
+        if figure and rgb is None:
+            rgb = overlay_rgb(image, label, pred, multilabel, title=cid)
     vals = [s for s in scores if not math.isnan(s)]
-    return float(np.mean(vals)) if vals else float("nan")
+    dice = float(np.mean(vals)) if vals else float("nan")
+    return (dice, rgb) if figure else dice
 
 
 def run_finetuning(cfg: Config, workdir: str | Path, init: str | Path | None = None,
-                   out_name: str = "finetune", progress: bool = True) -> tuple[Any, dict]:
+                   out_name: str = "finetune", progress: bool = True, overwrite: bool = False) -> tuple[Any, dict]:
     """Dice+CE fine-tuning from random init or ``init`` (a params.msgpack), on the first
     ``cfg.label_budget`` labelled training cases (all when 0); validation Dice every
     ``cfg.eval_every`` steps keeps the best parameters in ``best.msgpack`` (never the test
     set). Data in ``workdir``, outputs in ``workdir/out_name``. Returns (best params, summary)."""
-    _, cache, split, workdir, model, params = _job_setup(cfg, workdir, out_name, progress)
+    _, cache, split, workdir, model, params = _job_setup(cfg, workdir, out_name, progress, "finetune", overwrite,
+                                                         init=init or None)
     mesh = data_mesh()
     if init:
         params = load_params(init, params)
@@ -141,12 +166,13 @@ def run_finetuning(cfg: Config, workdir: str | Path, init: str | Path | None = N
     apply_fn = jax.jit(model.apply)
 
     def evaluate(state, step):
-        d = validation_dice(apply_fn, state.params, cache, split["val"], cfg)
+        d, rgb = validation_dice(apply_fn, state.params, cache, split["val"], cfg, figure=is_primary())
         if d > best["val_dice"] or not best_path.exists():
             best.update(val_dice=d, step=step)
-            save_params(best_path, state.params)
-            best_json.write_text(json.dumps(best))
-        return {"val_dice": d}
+            if is_primary():
+                save_params(best_path, state.params)
+                atomic_write_text(best_json, json.dumps(best))
+        return {"val_dice": d, "images": {} if rgb is None else {"validation/overlay": rgb}}
 
     ds = finetune_dataset(cache, ids, dcfg, seed=cfg.seed)
     state, summary = run_loop(
@@ -155,18 +181,21 @@ def run_finetuning(cfg: Config, workdir: str | Path, init: str | Path | None = N
         prepare_batch=functools.partial(shard_batch, mesh=mesh),
         crops_per_step=cfg.finetune_volumes_per_step * cfg.finetune_crops_per_volume,
         ckpt_every=cfg.ckpt_every, evaluate=evaluate if split["val"] else None, eval_every=cfg.eval_every,
-        progress=progress)
-    if not best_path.exists():
-        save_params(best_path, state.params)
+        progress=progress, learning_rate=cfg.lr)
     summary.update(best=best, label_cases=ids)
-    (workdir / "finetune_summary.json").write_text(json.dumps(summary, indent=1))
+    if is_primary():
+        if not best_path.exists():
+            save_params(best_path, state.params)
+        atomic_write_text(workdir / "finetune_summary.json", json.dumps(summary, indent=1))
+    barrier("finetune done")
     return load_params(best_path, state.params), summary
 
 
 def run_evaluation(cfg: Config, workdir: str | Path, params_path: str | Path, out_name: str = "eval",
-                   split_name: str = "test", progress: bool = True) -> dict:
+                   split_name: str = "test", progress: bool = True, overwrite: bool = False) -> dict:
     """Evaluate ``params_path`` on the held-out ``split_name`` cases of ``workdir``'s data."""
-    _, cache, split, out, model, params = _job_setup(cfg, workdir, out_name, progress)
+    _, cache, split, out, model, params = _job_setup(cfg, workdir, out_name, progress, "evaluate", overwrite,
+                                                     extra={"split": split_name}, params=params_path)
     params = load_params(params_path, params)
     multilabel = cache.regions is not None
     apply_fn = jax.jit(model.apply)
@@ -174,4 +203,4 @@ def run_evaluation(cfg: Config, workdir: str | Path, params_path: str | Path, ou
     def predict(image):
         return predict_volume(apply_fn, params, image, cfg.crop_size, cfg.sw_batch_size, cfg.overlap, multilabel)
 
-    return evaluate_cases(predict, cache, split[split_name], out, progress=progress)
+    return evaluate_cases(predict, cache, split[split_name], out, progress=progress, write=is_primary())

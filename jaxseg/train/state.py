@@ -25,13 +25,10 @@ def param_labels(params: Any, trainable: Callable[[tuple[str, ...]], bool]) -> A
     return jax.tree_util.tree_map_with_path(label, params)
 
 
-def make_optimizer(lr: float = 1e-4, weight_decay: float = 1e-5, labels: Any = None,
-                   clip_norm: float | None = None) -> optax.GradientTransformation:
+def make_optimizer(lr: float = 1e-4, weight_decay: float = 1e-5, labels: Any = None) -> optax.GradientTransformation:
     """AdamW; with ``labels``, leaves labelled 'frozen' get ``set_to_zero`` updates, so neither
     momentum nor weight decay moves them (the authors' frozen weights drifted under AdamW)."""
     adamw = optax.adamw(lr, weight_decay=weight_decay)
-    if clip_norm:
-        adamw = optax.chain(optax.clip_by_global_norm(clip_norm), adamw)
     if labels is None:
         return adamw
     return optax.multi_transform({"train": adamw, "frozen": optax.set_to_zero()}, labels)
@@ -40,7 +37,7 @@ def make_optimizer(lr: float = 1e-4, weight_decay: float = 1e-5, labels: Any = N
 def stage_trainable(stage: str, num_layers: int, freeze_encoder: bool = False) -> Callable[[tuple[str, ...]], bool]:
     """stage 'feat': patch embedding, the ViT blocks up to the enc4 skip, encoder4 (all that
     enc4 depends on). stage 'recon': everything (the paper) or, with ``freeze_encoder``, the
-    decoder and output head only (the authors' code). stage 'finetune': everything."""
+    decoder and output head only (the authors' code). Fine-tuning trains everything (no labels)."""
     from jaxseg.models.unetr import skip_layers
 
     last = skip_layers(num_layers)[2]
@@ -61,8 +58,8 @@ def stage_trainable(stage: str, num_layers: int, freeze_encoder: bool = False) -
 
     if stage == "feat":
         return feat
-    if stage in ("recon", "finetune"):
-        return recon if stage == "recon" else (lambda path: True)
+    if stage == "recon":
+        return recon
     raise ValueError(f"unknown stage {stage!r}")
 
 

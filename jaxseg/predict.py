@@ -1,0 +1,146 @@
+"""Segment new scans with a trained run: ``load_model`` (one call) and ``predict_file``.
+
+A training run's output folder holds ``model.json`` (the model config, the preprocessing of its
+data cache, class names) beside its weights (``best.msgpack`` after fine-tuning,
+``params.msgpack`` after pre-training). Prediction applies the same preprocessing (RAS, target
+spacing, CT window or z-score, foreground crop), sliding-window inference, optional flip
+test-time augmentation, and writes the segmentation in the input's own geometry (shape,
+affine, orientation).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxseg.data.msd import load_nifti
+from jaxseg.data.preprocess import preprocess_case, restore_label, save_nifti
+from jaxseg.errors import UserError
+from jaxseg.inference import sliding_window_inference
+
+MODEL_CARD = "model.json"
+WEIGHTS = ("best.msgpack", "params.msgpack")
+
+
+@dataclasses.dataclass(frozen=True)
+class Preprocessing:
+    target_spacing: tuple[float, float, float]
+    is_ct: bool
+    ct_range: tuple[float, float]
+    in_channels: int
+    class_names: tuple[str, ...]
+    multilabel: bool  # sigmoid outputs (BraTS regions) instead of softmax classes
+    roi: int
+    overlap: float = 0.25
+    sw_batch_size: int = 4
+
+
+def model_card(cfg, cache) -> dict:
+    """What ``load_model`` needs, from a run's config and its data cache."""
+    prep = cache.index.get("prepare", {})
+    return {"model": cfg.model, "crop_size": cfg.crop_size, "dtype": cfg.dtype,
+            "in_channels": cache.num_channels, "out_channels": cache.num_classes,
+            "class_names": cache.class_names, "multilabel": cache.regions is not None,
+            "target_spacing": list(cache.index["target_spacing"]), "is_ct": bool(cache.index.get("is_ct")),
+            "ct_range": list(prep.get("ct_range", (-175.0, 250.0))), "overlap": cfg.overlap,
+            "sw_batch_size": cfg.sw_batch_size}
+
+
+def load_model(run: str | Path, dtype: str | None = None) -> tuple[Any, Any, Preprocessing]:
+    """``(model, params, preprocessing)`` of a trained run: its output folder, or one weights file
+    inside it. ``dtype`` overrides the compute dtype (e.g. 'bfloat16' on a GPU)."""
+    from flax import serialization
+
+    from jaxseg.models import init_params, unetr_from_preset
+
+    run = Path(run)
+    folder, weights = (run.parent, run) if run.is_file() else (run, next(
+        (run / w for w in WEIGHTS if (run / w).is_file()), None))
+    card_path = folder / MODEL_CARD
+    if not card_path.is_file() or weights is None:
+        raise UserError(f"{run}: not a trained run (needs {MODEL_CARD} and one of {', '.join(WEIGHTS)}); "
+                        "pass the output folder of experiments.finetune or experiments.pretrain")
+    card = json.loads(card_path.read_text())
+    dt = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[dtype or card["dtype"]]
+    model = unetr_from_preset(card["model"], in_channels=card["in_channels"], out_channels=card["out_channels"],
+                              img_size=card["crop_size"], dtype=dt)
+    params = serialization.from_bytes(init_params(model), weights.read_bytes())
+    prep = Preprocessing(tuple(card["target_spacing"]), card["is_ct"], tuple(card["ct_range"]), card["in_channels"],
+                         tuple(card["class_names"]), card["multilabel"], card["crop_size"], card["overlap"],
+                         card["sw_batch_size"])
+    return model, params, prep
+
+
+def model_predictor(model, params, prep: Preprocessing, flip_tta: bool = False) -> Callable[[np.ndarray], np.ndarray]:
+    """image on the model's grid (X, Y, Z, C) -> probabilities (X, Y, Z, K): softmax, or sigmoid
+    for multi-label models; with ``flip_tta`` the mean over the 8 flips of the three axes."""
+    apply = jax.jit(model.apply)  # params as an argument: one compilation for every case
+
+    def probs(image):
+        logits = sliding_window_inference(lambda w: apply(params, w), image[None], prep.roi, prep.sw_batch_size,
+                                          prep.overlap)[0]
+        return jax.nn.sigmoid(logits) if prep.multilabel else jax.nn.softmax(logits, -1)
+
+    def predict(image):
+        if not flip_tta:
+            return np.asarray(probs(image))
+        acc = 0.0
+        for axes in ((), (0,), (1,), (2,), (0, 1), (0, 2), (1, 2), (0, 1, 2)):
+            p = probs(np.flip(image, axes) if axes else image)
+            acc = acc + (jnp.flip(p, axes) if axes else p)
+        return np.asarray(acc / 8)
+
+    return predict
+
+
+def read_scan(path: Path, prep: Preprocessing) -> tuple[np.ndarray, np.ndarray]:
+    """(image (X, Y, Z, C), affine), refusing what cannot match the model, naming the file."""
+    image, affine = load_nifti(path)
+    if image.ndim == 3:
+        image = image[..., None]
+    if image.ndim != 4:
+        raise UserError(f"{path}: a {image.ndim}-D image; the model takes 3-D scans (X, Y, Z) or (X, Y, Z, C)")
+    if image.shape[-1] != prep.in_channels:
+        raise UserError(f"{path}: {image.shape[-1]} channel(s); the model was trained on {prep.in_channels}")
+    if not np.isfinite(image).all():
+        raise UserError(f"{path}: contains NaN or infinite values")
+    zooms = np.sqrt((affine[:3, :3] ** 2).sum(0))
+    if not (zooms > 0).all() or not np.isfinite(zooms).all():
+        raise UserError(f"{path}: its affine gives a voxel spacing of {zooms.tolist()}, which cannot be resampled")
+    return image, affine
+
+
+def predict_file(path: str | Path, predict: Callable[[np.ndarray], np.ndarray], prep: Preprocessing,
+                 out_dir: str | Path, probabilities: bool = False, figure: bool = False) -> dict:
+    """Segment one NIfTI scan into ``out_dir/<name>.nii.gz`` (uint8 labels, or one channel per
+    region for multi-label models) in the scan's own geometry; optionally
+    ``<name>_probs.nii.gz`` (float32, nearest-resampled) and ``<name>.png``."""
+    path, out_dir = Path(path), Path(out_dir)
+    image, affine = read_scan(path, prep)
+    case = preprocess_case(image, affine, None, target_spacing=prep.target_spacing, ct=prep.is_ct,
+                           ct_range=prep.ct_range)
+    probs = predict(case["image"])
+    seg = (probs > 0.5).astype(np.uint8) if prep.multilabel else np.argmax(probs, -1).astype(np.uint8)
+    name = path.name.removesuffix(".gz").removesuffix(".nii")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    restored, orig_affine = restore_label(seg, case["meta"])
+    out = {"input": str(path), "segmentation": str(out_dir / f"{name}.nii.gz"),
+           "voxels": {c: int((restored[..., k] if prep.multilabel else restored == k).sum())
+                      for k, c in enumerate(prep.class_names)}}
+    save_nifti(out["segmentation"], restored.astype(np.uint8), orig_affine)
+    if probabilities:
+        p, _ = restore_label(probs.astype(np.float32), case["meta"])
+        out["probabilities"] = str(out_dir / f"{name}_probs.nii.gz")
+        save_nifti(out["probabilities"], p.astype(np.float32), orig_affine)
+    if figure:
+        from jaxseg.evaluate import overlay_png
+
+        overlay_png(case["image"], np.zeros(seg.shape[:3], np.uint8), seg, prep.multilabel, out_dir / f"{name}.png",
+                    title=name)
+    return out
