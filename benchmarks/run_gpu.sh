@@ -24,7 +24,7 @@ if [ "${JAXSEG_BENCH_SIZE:-paper}" = tiny ]; then
   PRE="--preset=tiny --crop_size=32 --steps=1 --warmup=0 --dtype=float32 --objectives=comparative \
        --stages=feat --against=none"
   INF="--preset=tiny --roi=32 --cases=spleen:40x36x32x1x2 --repeats=1 --dtype=float32 --torch_dtypes=float32"
-  LOSS="--partitions=4,8 --images=4 --stages=enc4 --steps=2"
+  LOSS="--partitions=4 --images=4 --stages=enc4 --steps=1"
   T_MODEL=300 T_PRE=300 T_INF=120 T_LOSS=120
 else
   MODEL="--preset=paper --img_size=96 --batch=4 --steps=10 --warmup=2 --dtypes=bfloat16,float32 \

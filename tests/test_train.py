@@ -199,9 +199,9 @@ traj = []
 for devices in (jax.devices()[:1], jax.devices()):
     mesh = data_mesh(devices)
     model = make_model(cfg, cache)
-    state, tx = pretrain_state(model, init_params(model, cfg), cfg, "recon")
+    state, tx = pretrain_state(model, init_params(model, cfg), cfg, "feat")  # sharding is the same for both stages
     state = replicate(state, mesh)
-    step = make_pretrain_step(model, tx, cfg, "recon", False)
+    step = make_pretrain_step(model, tx, cfg, "feat", False)
     ds = pretrain_dataset(cache, cache.training, PretrainDataConfig(crop_size=32), seed=0)
     losses = []
     for k in range(3):
