@@ -1,6 +1,6 @@
 """Cold compile time of each training step: fine-tuning, pre-training stage 1 and stage 2.
 
-    python -m benchmarks.compile_time --preset=small --crop_size=64 --json_out=benchmarks/results_compile_cpu.json
+    python -m benchmarks.compile_time --config=small --crop_size=64 --json_out=benchmarks/results_compile_cpu.json
 
 Each step is lowered and compiled ahead of time with the persistent compilation cache off, so
 the times are what a first run pays. Stage 1/2 use the paper's axis mode (three updates per
@@ -17,14 +17,14 @@ import numpy as np
 from absl import app, flags
 
 from benchmarks.timing import Results
-from jaxseg.config import get_config
-from jaxseg.models import init_params, unetr_from_preset
+from jaxseg.config import PRESETS, get_config
+from jaxseg.models import STAGES, init_params, unetr_from_preset
 from jaxseg.train.finetune import make_finetune_step
 from jaxseg.train.pretrain import make_pretrain_step, pretrain_state
 from jaxseg.train.state import create_state, make_optimizer
 
 FLAGS = flags.FLAGS
-flags.DEFINE_enum("preset", "small", ["tiny", "small", "paper"], "UNETR preset")
+flags.DEFINE_enum("config", "small", sorted(PRESETS), "config preset (jaxseg.config.PRESETS)")
 flags.DEFINE_integer("crop_size", 64, "crop size")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "compute dtype")
 flags.DEFINE_string("json_out", None, "write results here")
@@ -34,13 +34,13 @@ def main(argv):
     del argv
     jax.config.update("jax_enable_compilation_cache", False)
     s = FLAGS.crop_size
-    cfg = get_config(FLAGS.preset, crop_size=s)
+    cfg = get_config(FLAGS.config, crop_size=s)
     model = unetr_from_preset(cfg.model, in_channels=1, out_channels=2, img_size=s,
                               dtype=jnp.bfloat16 if FLAGS.dtype == "bfloat16" else jnp.float32)
     params = init_params(model)
     rng = np.random.default_rng(0)
     image = jnp.asarray(rng.standard_normal((4, s, s, s, 1)), jnp.float32)
-    results = Results(FLAGS.json_out, flags={"preset": FLAGS.preset, "crop_size": s, "dtype": FLAGS.dtype})
+    results = Results(FLAGS.json_out, flags={"config": FLAGS.config, "crop_size": s, "dtype": FLAGS.dtype})
 
     tx = make_optimizer(cfg.lr, cfg.weight_decay)
     ft = make_finetune_step(model, tx, multilabel=False)
@@ -49,7 +49,7 @@ def main(argv):
     ft.lower(create_state(params, tx), batch).compile()
     rows = {"finetune": time.perf_counter() - t0}
     pbatch = {"image": image, "offset_u": jnp.asarray(rng.uniform(size=(3, 4)), jnp.float32)}
-    for stage in ("feat", "recon"):
+    for stage in STAGES:
         state, tx = pretrain_state(model, params, cfg, stage)
         rows[f"pretrain_{stage}"] = make_pretrain_step(model, tx, cfg, stage, False).compile(state, pbatch)
     for name, sec in rows.items():

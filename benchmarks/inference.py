@@ -1,7 +1,7 @@
 """Sliding-window inference of whole volumes: jaxseg vs MONAI on the same device, same weights
 (via from_monai), same ROI, overlap and window batch; alternated in one process, ratio per pair.
 
-    python -m benchmarks.inference --preset=paper --dtype=bfloat16 --json_out=benchmarks/results_inference_cpu.json
+    python -m benchmarks.inference --model=paper --dtype=bfloat16 --json_out=benchmarks/results_inference_cpu.json
 
 MONAI runs per dtype (bf16 under torch.autocast) and, on CUDA, per cudnn.benchmark setting;
 ratios are against its faster setting of jaxseg's dtype. TFLOP/s and MFU count the padded
@@ -22,7 +22,7 @@ from jaxseg.models import from_monai, init_params, unetr_from_preset
 from jaxseg.models.flops import unetr_cost
 
 FLAGS = flags.FLAGS
-flags.DEFINE_enum("preset", "paper", ["tiny", "small", "paper"], "UNETR preset (with --against=monai: 12 layers)")
+flags.DEFINE_enum("model", "paper", ["tiny", "small", "paper"], "UNETR size (with --against=monai: 12 layers)")
 flags.DEFINE_integer("roi", 96, "ROI (window) size")
 flags.DEFINE_integer("sw_batch_size", 4, "windows per predictor call")
 flags.DEFINE_float("overlap", 0.25, "window overlap")
@@ -38,7 +38,7 @@ def run_case(spec: str, results: Results) -> None:
     name, dims = spec.split(":")
     d, h, w, cin, cout = map(int, dims.split("x"))
     extra = dict(num_layers=12, patch_size=16) if FLAGS.against == "monai" else {}
-    model = unetr_from_preset(FLAGS.preset, in_channels=cin, out_channels=cout, img_size=FLAGS.roi,
+    model = unetr_from_preset(FLAGS.model, in_channels=cin, out_channels=cout, img_size=FLAGS.roi,
                               dtype=jnp.bfloat16 if FLAGS.dtype == "bfloat16" else jnp.float32, **extra)
     x = np.random.default_rng(0).standard_normal((1, d, h, w, cin)).astype(np.float32)
     variants = {}
@@ -113,7 +113,7 @@ def main(argv):
     del argv
     setup()
     results = Results(FLAGS.json_out, flags={k: FLAGS[k].value for k in (
-        "preset", "roi", "sw_batch_size", "overlap", "repeats", "dtype", "against", "torch_dtypes")})
+        "model", "roi", "sw_batch_size", "overlap", "repeats", "dtype", "against", "torch_dtypes")})
     for spec in FLAGS.cases:
         run_case(spec, results)
 

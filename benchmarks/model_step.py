@@ -1,6 +1,6 @@
 """Time UNETR forward and forward+backward+AdamW: jaxseg and MONAI on the same device, alternately.
 
-    python -m benchmarks.model_step --preset=paper --img_size=96 --batch=4 --dtypes=bfloat16,float32 \
+    python -m benchmarks.model_step --model=paper --img_size=96 --batch=4 --dtypes=bfloat16,float32 \
         --against=monai --torch_dtypes=float32,bfloat16
 
 Compile time is reported apart (first call); step times are medians over --steps after --warmup
@@ -24,7 +24,7 @@ from jaxseg.models import UNETR, count_params, init_params, unetr_from_preset
 from jaxseg.models.flops import unetr_cost
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("preset", "paper", "UNETR preset: tiny, small, paper (with --against=monai: 12 layers)")
+flags.DEFINE_string("model", "paper", "UNETR size: tiny, small, paper (with --against=monai: 12 layers)")
 flags.DEFINE_integer("img_size", 96, "cubic crop size")
 flags.DEFINE_integer("batch", 4, "batch size")
 flags.DEFINE_integer("in_channels", 1, "input channels")
@@ -189,14 +189,14 @@ def main(argv):
         overrides.update(num_layers=12, patch_size=16)  # MONAI's fixed depth and patch
 
     def model_for(dt):
-        return unetr_from_preset(FLAGS.preset, dtype=DTYPES[dt], **overrides)
+        return unetr_from_preset(FLAGS.model, dtype=DTYPES[dt], **overrides)
 
     s = FLAGS.img_size
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal((FLAGS.batch, s, s, s, FLAGS.in_channels), np.float32))
     y = jnp.asarray(rng.integers(0, FLAGS.out_channels, (FLAGS.batch, s, s, s)), jnp.int32)
     results = Results(FLAGS.json_out, config={k: FLAGS[k].value for k in (
-        "preset", "img_size", "batch", "in_channels", "out_channels", "steps", "warmup", "conv_impl", "dtypes",
+        "model", "img_size", "batch", "in_channels", "out_channels", "steps", "warmup", "conv_impl", "dtypes",
         "torch_dtypes", "against")})
     variants = _variants(model_for, x, y)
     results.payload["params"] = {name: v["params"] for name, v in variants.items()}

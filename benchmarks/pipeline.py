@@ -2,7 +2,7 @@
 
     python -m benchmarks.pipeline --json_out=benchmarks/results_pipeline_cpu.json
 
-Builds a phantom dataset and its cache in --work_dir, then pulls --steps batches through each
+Builds a phantom dataset and its cache in --workdir, then pulls --steps batches through each
 pipeline (after --warmup) for several thread counts. Reported: crops/s (median over 3 repeats).
 """
 
@@ -20,7 +20,7 @@ from jaxseg.data import (Cache, FinetuneDataConfig, PretrainDataConfig, finetune
                          make_iterator, prepare, pretrain_dataset, write_phantom_dataset)
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("work_dir", None, "where to write the phantom data and cache (default: a temp dir)")
+flags.DEFINE_string("workdir", None, "where to write the phantom data and cache (default: a temp dir)")
 flags.DEFINE_integer("subjects", 20, "phantom subjects")
 flags.DEFINE_integer("crop_size", 96, "crop size")
 flags.DEFINE_integer("steps", 20, "timed batches per repeat")
@@ -44,7 +44,7 @@ def crops_per_second(make_ds, threads: int, crops_per_step: int) -> float:
 
 def main(argv):
     del argv
-    work = Path(FLAGS.work_dir or tempfile.mkdtemp(prefix="jaxseg-pipe-"))
+    work = Path(FLAGS.workdir or tempfile.mkdtemp(prefix="jaxseg-pipe-"))
     data = write_phantom_dataset(work / "data", "spleen", FLAGS.subjects)
     prepare(load_dataset_json(data), work / "cache", progress=False)
     cache = Cache(work / "cache")

@@ -1,8 +1,8 @@
 """Pre-training step throughput: comparative (all triplets, sampled-K) and contrastive, stages 1
 and 2, jaxseg vs a PyTorch/MONAI reference (vectorised losses, and the authors' loop losses).
 
-    python -m benchmarks.pretrain_throughput --preset=paper --steps=10 --against=monai
-    python -m benchmarks.pretrain_throughput --mode=convergence --preset=small   # time to convergence
+    python -m benchmarks.pretrain_throughput --config=paper --steps=10 --against=monai
+    python -m benchmarks.pretrain_throughput --mode=convergence --config=small   # time to convergence
 
 Rows 'device' reuse one batch already on the device; rows 'pipeline' pull every batch from the
 grain pipeline over a phantom cache. Compile time apart (ahead-of-time ``lower().compile()``);
@@ -26,20 +26,20 @@ from absl import app, flags
 
 from benchmarks.timing import (Results, efficiency, jax_peak_mib, machine, monai_unetr, setup, summarize, time_call,
                                torch_device, torch_mode, torch_modes, torch_peak_mib, torch_sync, write_json)
-from jaxseg.config import get_config
+from jaxseg.config import PRESETS, get_config
 from jaxseg.data import Cache, PretrainDataConfig, load_dataset_json, make_iterator, prepare, pretrain_dataset, \
     write_phantom_dataset
-from jaxseg.models import init_params, unetr_from_preset
+from jaxseg.models import STAGES, init_params, unetr_from_preset
 from jaxseg.models.flops import pretrain_step_cost
 from jaxseg.train.loop import converged
 from jaxseg.train.pretrain import make_pretrain_step, pretrain_state
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("mode", "throughput", ["throughput", "convergence"], "what to measure")
-flags.DEFINE_enum("preset", "paper", ["tiny", "small", "paper"], "UNETR preset")
+flags.DEFINE_enum("config", "paper", sorted(PRESETS), "config preset (jaxseg.config.PRESETS)")
 flags.DEFINE_integer("crop_size", 96, "crop size (throughput mode)")
 flags.DEFINE_list("objectives", ["comparative", "comparative_sampled", "contrastive"], "objectives")
-flags.DEFINE_list("stages", ["feat", "recon"], "stages")
+flags.DEFINE_list("stages", ["encoder", "decoder"], "pre-training stages (encoder: enc4 features; decoder: outputs)")
 flags.DEFINE_list("sources", ["device", "pipeline"], "batch sources")
 flags.DEFINE_integer("steps", 10, "timed steps per row")
 flags.DEFINE_integer("warmup", 2, "untimed steps after compilation")
@@ -50,7 +50,7 @@ flags.DEFINE_bool("loop_reference", True, "with --against=monai: also the author
 flags.DEFINE_integer("loop_entries", 36, "contrastive loop reference: entries timed (of 576), extrapolated")
 flags.DEFINE_integer("loop_steps", 1, "timed steps of each loop-reference row (after one untimed)")
 flags.DEFINE_integer("max_steps", 300, "convergence mode: step limit per stage")
-flags.DEFINE_string("work_dir", None, "phantom data + cache (default: temp dir)")
+flags.DEFINE_string("workdir", None, "phantom data + cache (default: temp dir)")
 flags.DEFINE_string("json_out", None, "write results here")
 
 
@@ -73,7 +73,7 @@ def jax_step(cfg, cache, objective, stage, source, s):
     c = cfg.replace(objective=objective, crop_size=s)
     state, tx = pretrain_state(model, params, c, stage)
     step = make_pretrain_step(model, tx, c, stage, multilabel=False)
-    dcfg = PretrainDataConfig(crop_size=s, sampled_triplets=c.sampled_triplets if objective == "comparative_sampled" else 0)
+    dcfg = PretrainDataConfig(crop_size=s)
     ds = pretrain_dataset(cache, cache.training, dcfg, seed=0)
     it = make_iterator(ds, 2)
     fixed = jax.device_put({k: jnp.asarray(v) for k, v in ds[0].items()})
@@ -196,7 +196,7 @@ def time_to_convergence(cfg, cache):
         model = unetr_from_preset(c.model, in_channels=1, out_channels=2, img_size=c.crop_size)
         params = init_params(model)
         res = {"stages": {}}
-        for k, stage in enumerate(("feat", "recon")):
+        for k, stage in enumerate(STAGES):
             state, tx = pretrain_state(model, params, c, stage)
             step = make_pretrain_step(model, tx, c, stage, False)
             it = make_iterator(pretrain_dataset(cache, cache.training, PretrainDataConfig(crop_size=c.crop_size), seed=k), 2)
@@ -230,11 +230,11 @@ def time_to_convergence(cfg, cache):
 def main(argv):
     del argv
     setup()
-    work = Path(FLAGS.work_dir or tempfile.mkdtemp(prefix="jaxseg-bench-"))
+    work = Path(FLAGS.workdir or tempfile.mkdtemp(prefix="jaxseg-bench-"))
     cache = phantom_cache(work)
-    cfg = get_config(FLAGS.preset)
+    cfg = get_config(FLAGS.config)
     header = {"flags": {k: FLAGS[k].value for k in (
-        "mode", "preset", "crop_size", "steps", "warmup", "dtype", "against", "torch_dtypes", "loop_entries")}}
+        "mode", "config", "crop_size", "steps", "warmup", "dtype", "against", "torch_dtypes", "loop_entries")}}
     if FLAGS.mode == "throughput":
         throughput(cfg, cache, Results(FLAGS.json_out, **header))
     else:

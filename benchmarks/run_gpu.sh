@@ -19,19 +19,19 @@ LOG="$OUT/log.txt"
 
 if [ "${JAXSEG_BENCH_SIZE:-paper}" = tiny ]; then
   # Toy sizes; the MONAI side (12 layers) only where it is cheap to compile on a CPU.
-  MODEL="--preset=tiny --img_size=32 --batch=2 --steps=2 --warmup=0 --dtypes=float32 --torch_dtypes=float32 \
+  MODEL="--model=tiny --img_size=32 --batch=2 --steps=2 --warmup=0 --dtypes=float32 --torch_dtypes=float32 \
          --kinds=train_step"
-  PRE="--preset=tiny --crop_size=32 --steps=1 --warmup=0 --dtype=float32 --objectives=comparative \
-       --stages=feat --against=none"
-  INF="--preset=tiny --roi=32 --cases=spleen:40x36x32x1x2 --repeats=1 --dtype=float32 --torch_dtypes=float32"
+  PRE="--config=tiny --crop_size=32 --steps=1 --warmup=0 --dtype=float32 --objectives=comparative \
+       --stages=encoder --against=none"
+  INF="--model=tiny --roi=32 --cases=spleen:40x36x32x1x2 --repeats=1 --dtype=float32 --torch_dtypes=float32"
   LOSS="--partitions=4 --images=4 --stages=enc4 --steps=1"
   T_MODEL=300 T_PRE=300 T_INF=120 T_LOSS=120
 else
-  MODEL="--preset=paper --img_size=96 --batch=4 --steps=10 --warmup=2 --dtypes=bfloat16,float32 \
+  MODEL="--model=paper --img_size=96 --batch=4 --steps=10 --warmup=2 --dtypes=bfloat16,float32 \
          --torch_dtypes=bfloat16,float32"
-  PRE="--preset=paper --crop_size=96 --steps=5 --warmup=1 --dtype=bfloat16 --objectives=comparative,contrastive \
-       --stages=feat,recon --torch_dtypes=bfloat16,float32 --loop_entries=8"
-  INF="--preset=paper --roi=96 --cases=spleen:192x192x192x1x2 --repeats=3 --dtype=bfloat16 \
+  PRE="--config=paper --crop_size=96 --steps=5 --warmup=1 --dtype=bfloat16 --objectives=comparative,contrastive \
+       --stages=encoder,decoder --torch_dtypes=bfloat16,float32 --loop_entries=8"
+  INF="--model=paper --roi=96 --cases=spleen:192x192x192x1x2 --repeats=3 --dtype=bfloat16 \
        --torch_dtypes=bfloat16,float32"
   LOSS="--partitions=4,16,64 --images=4 --stages=enc4,decoder --steps=10"
   T_MODEL=135 T_PRE=215 T_INF=60 T_LOSS=45

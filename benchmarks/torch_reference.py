@@ -90,7 +90,7 @@ def make_step(net, opt, objective: str, stage: str, impl: str, num_partitions: i
     loss_fn = losses[(objective, impl)]
 
     def features(x):  # float32 for the loss, also under autocast (as jaxseg)
-        if stage == "feat":
+        if stage == "encoder":
             _, hidden = net.vit(x)
             return net.encoder4(net.proj_feat(hidden[9])).float()
         return torch.softmax(net(x).float(), 1)

@@ -11,7 +11,7 @@ from jaxseg.config import PRESETS, Config, get_config
 from jaxseg.train.sharding import initialize_distributed
 
 FLAGS = flags.FLAGS
-flags.DEFINE_enum("config", "small", sorted(PRESETS), "preset: tiny (tests), small (CPU demo), paper")
+flags.DEFINE_enum("config", "small", sorted(PRESETS), "preset: tiny (tests), small (CPU main job), gpu (one GPU), paper")
 flags.DEFINE_string("workdir", "runs/default", "work dir: data cache, checkpoints, metrics, figures")
 flags.DEFINE_bool("progress", True, "progress bars")
 flags.DEFINE_bool("overwrite", False, "replace results in the work dir that were made with other settings")

@@ -7,7 +7,7 @@ from absl import flags
 
 from experiments import cli
 from experiments.common import FLAGS, config_from_flags
-from jaxseg.train.run import run_evaluation
+from jaxseg.workflow import run_evaluation
 
 flags.DEFINE_string("params", None, "params.msgpack to evaluate", required=True)
 flags.DEFINE_string("out_name", "eval", "output folder inside the work dir")

@@ -7,7 +7,7 @@ from absl import flags
 
 from experiments import cli
 from experiments.common import FLAGS, config_from_flags
-from jaxseg.train.run import run_finetuning
+from jaxseg.workflow import run_finetuning
 
 flags.DEFINE_string("init", None, "params.msgpack to start from (default: random init)")
 flags.DEFINE_string("out_name", "finetune", "output folder inside the work dir")

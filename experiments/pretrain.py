@@ -6,7 +6,7 @@
 
 from experiments import cli
 from experiments.common import FLAGS, config_from_flags
-from jaxseg.train.run import run_pretraining
+from jaxseg.workflow import run_pretraining
 
 
 def main(argv):

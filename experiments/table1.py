@@ -13,7 +13,8 @@ from jaxseg.errors import UserError
 from jaxseg.protocol import run_table1
 
 flags.DEFINE_list("objectives", ["contrastive", "comparative"], "pre-training objectives to compare")
-flags.DEFINE_list("budgets", ["2", "0"], "label budgets (0: all labelled training cases)")
+flags.DEFINE_list("budgets", ["2"], "label budgets (0: all labelled training cases), run in this order")
+flags.DEFINE_integer("seeds", 3, "repeat pre-training and fine-tuning over this many seeds (--seed, --seed + 1, ...)")
 
 
 def main(argv):
@@ -23,11 +24,11 @@ def main(argv):
         budgets = tuple(int(b) for b in FLAGS.budgets)
     except ValueError:
         raise UserError(f"--budgets must be integers (0: all labelled cases), got {FLAGS.budgets}") from None
-    run_table1(cfg, FLAGS.workdir, tuple(FLAGS.objectives), budgets, progress=FLAGS.progress,
+    run_table1(cfg, FLAGS.workdir, tuple(FLAGS.objectives), budgets, seeds=FLAGS.seeds, progress=FLAGS.progress,
                overwrite=FLAGS.overwrite)
     print(open(f"{FLAGS.workdir}/table1.md").read())
     print(f"every number: {FLAGS.workdir}/table1.json; figures: {FLAGS.workdir}/pretrain_loss.png, "
-          f"{FLAGS.workdir}/finetune_*/test/figures/")
+          f"{FLAGS.workdir}/seed*/finetune_*/test/figures/")
 
 
 if __name__ == "__main__":

@@ -53,7 +53,8 @@ def evaluate_cases(predict, cache: Cache, case_ids: Sequence[str], out_dir: str 
         if i < figures:
             overlay_png(image, truth, pred, multilabel, out / "figures" / f"{cid}.png", title=cid)
     summary = {"aggregate": M.aggregate(per_case, SUMMARY_METRICS),
-               "pooled": M.pooled_precision_recall(per_case), "cases": list(case_ids)}
+               "pooled": M.pooled_precision_recall(per_case), "cases": list(case_ids),
+               "per_case": dict(zip(case_ids, per_case))}
     if write:
         with open(out / "cases.csv", "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["case"])
@@ -62,6 +63,28 @@ def evaluate_cases(predict, cache: Cache, case_ids: Sequence[str], out_dir: str 
         (out / "summary.json").write_text(json.dumps(summary, indent=1))
         (out / "summary.md").write_text(summary_table(summary["aggregate"]))
     return summary
+
+
+def mean_foreground_dice(predict, cache: Cache, case_ids: Sequence[str], figure: bool = False):
+    """Mean foreground Dice (``metrics.overlap_metrics``) over the classes and ``case_ids`` whose
+    truth is not empty; ``predict`` as in ``evaluate_cases``. With ``figure``, returns
+    (Dice, RGB overlay of the first case), for validation during training."""
+    multilabel = cache.regions is not None
+    scores, rgb = [], None
+    for cid in case_ids:
+        image, label = np.asarray(cache.image(cid)), np.asarray(cache.label(cid))
+        pred = predict(image)
+        if multilabel:
+            truth = label_channels(label, cache.regions)
+            pairs = [(pred[..., k], truth[..., k]) for k in range(truth.shape[-1])]
+        else:
+            pairs = [(pred == k, label == k) for k in range(1, cache.num_classes)]
+        scores += [M.overlap_metrics(p.astype(bool), t.astype(bool))["dice"] for p, t in pairs]
+        if figure and rgb is None:
+            rgb = overlay_rgb(image, label, pred, multilabel, title=cid)
+    vals = [s for s in scores if not math.isnan(s)]
+    dice = float(np.mean(vals)) if vals else float("nan")
+    return (dice, rgb) if figure else dice
 
 
 def summary_table(agg: Mapping[str, Mapping[str, Mapping[str, float]]]) -> str:

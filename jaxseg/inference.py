@@ -104,3 +104,15 @@ def sliding_window_inference(predict_fn: Callable[[jax.Array], jax.Array], image
         res = out / count[..., None]
         outs.append(res[pad[0][0]:pad[0][0] + size[0], pad[1][0]:pad[1][0] + size[1], pad[2][0]:pad[2][0] + size[2]])
     return jnp.stack(outs)
+
+
+def predict_volume(apply_fn, params, image: np.ndarray, roi: int, sw_batch_size: int = 4,
+                   overlap: float = 0.25, multilabel: bool = False) -> np.ndarray:
+    """Segmentation of one volume (X, Y, Z, C): integer labels (softmax) or a multi-hot
+    (X, Y, Z, K) stack (sigmoid > 0.5). ``apply_fn`` is ``jax.jit(model.apply)``, made once per
+    job: params are an argument, so every case and every validation round reuses one compilation
+    (closing over params would embed them as constants and recompile for each call)."""
+    logits = sliding_window_inference(lambda w: apply_fn(params, w), image[None], roi, sw_batch_size, overlap)[0]
+    if multilabel:
+        return np.asarray(jax.nn.sigmoid(logits) > 0.5).astype(np.uint8)
+    return np.asarray(jnp.argmax(logits, -1)).astype(np.uint8)

@@ -1,5 +1,11 @@
-"""The paper's Table 1 protocol: pre-train with each objective (timed to convergence), fine-tune
-from none / contrastive / comparative at each label budget, evaluate on the held-out test split."""
+"""The paper's Table 1 protocol, repeated over seeds: pre-train with each objective (timed to
+convergence, probed), fine-tune from none / each objective at each label budget, evaluate on the
+held-out test split, and report mean +- sd over seeds with the paired difference to ``none``.
+
+Seeds vary initialisation, the labelled subset, crops and augmentation; the data and the
+train / val / test split (``data_seed``) stay fixed, so every seed is scored on the same test
+cases and differences can be paired by (seed, case).
+"""
 
 from __future__ import annotations
 
@@ -9,65 +15,174 @@ from pathlib import Path
 
 from jaxseg.config import CHOICES, Config
 from jaxseg.errors import UserError
-from jaxseg.run_settings import atomic_write_text, is_primary
 from jaxseg.evaluate import plot_loss_curves
-from jaxseg.train.run import ensure_data, run_evaluation, run_finetuning, run_pretraining
+from jaxseg.models.unetr import STAGES
+from jaxseg.run_settings import atomic_write_text, is_primary
+from jaxseg.stats import bootstrap_ci, mean_sd
+from jaxseg.workflow import ensure_data, run_evaluation, run_finetuning, run_pretraining
 
-TABLE_METRICS = ("dice", "f1", "hd", "hd95")
+TABLE_METRICS = ("dice", "hd95")
+METRIC_LABELS = {"dice": "Dice", "hd95": "HD95 (mm)"}
+STAGE_NAMES = {"random_init": "random init", "encoder": "after stage 1 (encoder)", "decoder": "after stage 2 (decoder)"}
 
 
 def run_table1(cfg: Config, workdir: str | Path, objectives=("contrastive", "comparative"),
-               budgets=(2, 0), progress: bool = True, overwrite: bool = False) -> dict:
+               budgets=(2,), seeds: int = 1, progress: bool = True, overwrite: bool = False) -> dict:
     """Returns and writes (``table1.json``, ``table1.md``, ``pretrain_loss.png``) every number.
-    A budget of 0 means all labelled training cases."""
+    A budget of 0 means all labelled training cases. Runs seed ``cfg.seed + k`` for k < ``seeds``
+    under ``workdir/seed<n>/``; budgets in the order given, each over every seed, so the first
+    budget's table is complete before the next one starts."""
     root = Path(workdir)
     bad = [o for o in objectives if o not in CHOICES["objective"]]
-    if bad or any(b < 0 for b in budgets):
-        raise UserError(f"objectives must be among {CHOICES['objective']} and budgets >= 0, got {list(objectives)} "
-                        f"and {list(budgets)}")
+    if bad or any(b < 0 for b in budgets) or seeds < 1:
+        raise UserError(f"objectives must be among {CHOICES['objective']}, budgets >= 0 and seeds >= 1, got "
+                        f"{list(objectives)}, {list(budgets)} and {seeds}")
     ensure_data(cfg, root, progress)
-    pre = {}
-    for obj in objectives:
-        _, summary = run_pretraining(cfg.replace(objective=obj), root, out_name=f"pretrain_{obj}", progress=progress,
-                                     overwrite=overwrite)
-        pre[obj] = summary
-    if is_primary():
-        plot_loss_curves({f"{o} {s}": root / f"pretrain_{o}" / s / "metrics.jsonl"
-                          for o in objectives for s in ("feat", "recon")}, root / "pretrain_loss.png")
-    rows = []
+    seed_list = [cfg.seed + k for k in range(seeds)]
+    pre: dict[tuple[int, str], dict] = {}
+
+    def pretrained(seed: int, obj: str) -> dict:
+        if (seed, obj) not in pre:
+            _, pre[seed, obj] = run_pretraining(cfg.replace(seed=seed, objective=obj), root,
+                                                out_name=f"seed{seed}/pretrain_{obj}", progress=progress,
+                                                overwrite=overwrite)
+        return pre[seed, obj]
+
+    runs = []
     for budget in budgets:
-        for init in ("none", *objectives):
-            name = f"finetune_{init}_{budget or 'all'}"
-            params_path = None if init == "none" else root / f"pretrain_{init}" / "params.msgpack"
-            _, ft = run_finetuning(cfg.replace(label_budget=budget), root, init=params_path, out_name=name,
-                                   progress=progress, overwrite=overwrite)
-            ev = run_evaluation(cfg, root, root / name / "best.msgpack", out_name=f"{name}/test", progress=progress,
-                                overwrite=overwrite)
-            rows.append({
-                "init": init, "labels": len(ft["label_cases"]), "budget": budget or "all",
-                "pretrain_s": pre[init]["train_s"] if init != "none" else 0.0,
-                "pretrain_steps": pre[init]["steps"] if init != "none" else 0,
-                "best_val_dice": ft["best"]["val_dice"],
-                "metrics": {cls: {m: ev["aggregate"][cls][m]["mean"] for m in TABLE_METRICS}
-                            for cls in ev["aggregate"]},
-            })
-    result = {"config": cfg.as_dict(), "pretraining": pre, "rows": rows}
+        for seed in seed_list:
+            for init in ("none", *objectives):
+                p = pretrained(seed, init) if init != "none" else None
+                name = f"seed{seed}/finetune_{init}_{budget or 'all'}"
+                params_path = None if p is None else root / f"seed{seed}/pretrain_{init}/params.msgpack"
+                scfg = cfg.replace(seed=seed, label_budget=budget)
+                _, ft = run_finetuning(scfg, root, init=params_path, out_name=name, progress=progress,
+                                       overwrite=overwrite)
+                ev = run_evaluation(scfg, root, root / name / "best.msgpack", out_name=f"{name}/test",
+                                    progress=progress, overwrite=overwrite)
+                runs.append({"seed": seed, "init": init, "budget": budget or "all", "labels": len(ft["label_cases"]),
+                             "pretrain_s": p["train_s"] if p else 0.0, "pretrain_steps": p["steps"] if p else 0,
+                             "best_val_dice": ft["best"]["val_dice"], "cases": ev["per_case"]})
+    result = {"config": cfg.as_dict(), "seeds": seed_list, "runs": runs, "rows": summary_rows(runs),
+              "pretraining": {f"seed{s}/{o}": v for (s, o), v in pre.items()},
+              "probe": probe_rows(pre), "convergence": convergence_rows(pre)}
     if is_primary():
+        plot_loss_curves({f"{o} {s} (seed {seed_list[0]})": root / f"seed{seed_list[0]}/pretrain_{o}" / s / "metrics.jsonl"
+                          for o in objectives for s in STAGES}, root / "pretrain_loss.png")
         atomic_write_text(root / "table1.json", json.dumps(result, indent=1, default=str))
-        atomic_write_text(root / "table1.md", table_markdown(rows))
+        atomic_write_text(root / "table1.md", report_markdown(result))
     return result
 
 
-def _fmt(v: float) -> str:
-    return "nan" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"
+def _case_values(run: dict, cls: str, metric: str) -> dict[str, float]:
+    return {cid: float(m[cls][metric]) for cid, m in run["cases"].items()}
 
 
-def table_markdown(rows) -> str:
+def summary_rows(runs: list[dict]) -> list[dict]:
+    """One row per (budget, init): per metric and class the mean +- sd over seeds of each seed's
+    test-case mean, and for Dice the mean paired difference to ``none`` over seeds x test cases
+    with its bootstrap 95% interval."""
+    rows = []
+    keys = list(dict.fromkeys((r["budget"], r["init"]) for r in runs))
+    for budget, init in keys:
+        mine = [r for r in runs if (r["budget"], r["init"]) == (budget, init)]
+        classes = list(next(iter(mine[0]["cases"].values()))) if mine[0]["cases"] else []
+        row = {"budget": budget, "init": init, "labels": mine[0]["labels"], "seeds": len(mine),
+               "pretrain_s": mean_sd([r["pretrain_s"] for r in mine]), "metrics": {}, "paired_dice": {}}
+        for cls in classes:
+            row["metrics"][cls] = {}
+            for metric in TABLE_METRICS:
+                per_seed = [_mean(_case_values(r, cls, metric).values()) for r in mine]
+                row["metrics"][cls][metric] = mean_sd(per_seed)
+            if init != "none":
+                diffs = []
+                for r in mine:
+                    base = next(b for b in runs if (b["budget"], b["init"], b["seed"]) == (budget, "none", r["seed"]))
+                    mine_v, base_v = _case_values(r, cls, "dice"), _case_values(base, cls, "dice")
+                    diffs += [mine_v[c] - base_v[c] for c in mine_v]
+                row["paired_dice"][cls] = dict(zip(("mean", "low", "high"), bootstrap_ci(diffs)), n=len(diffs))
+        rows.append(row)
+    return rows
+
+
+def _mean(values) -> float:
+    v = [x for x in values if not math.isnan(x)]
+    return sum(v) / len(v) if v else math.nan
+
+
+def probe_rows(pre: dict) -> list[dict]:
+    """Per objective and model state: probe accuracies and collapse statistics, mean +- sd over seeds."""
+    rows = []
+    for obj in dict.fromkeys(o for _, o in pre):
+        summaries = [v for (_, o), v in pre.items() if o == obj]
+        for stage in STAGE_NAMES:
+            probes = [s["probe"][stage] for s in summaries if stage in s.get("probe", {})]
+            if probes:
+                rows.append({"objective": obj, "state": stage, "chance": probes[0]["chance"],
+                             **{k: mean_sd([p[k] for p in probes]) for k in
+                                ("crop_accuracy", "anatomy_accuracy", "mean_cosine", "feature_spread")}})
+    return rows
+
+
+def convergence_rows(pre: dict) -> list[dict]:
+    """Per objective, seed and stage: steps run, where the paper's rule first held, whether the
+    step limit cut it, the loss trend over the last steps, and training time."""
+    rows = []
+    for (seed, obj), s in pre.items():
+        for stage in STAGES:
+            st = s["stages"][stage]
+            rows.append({"objective": obj, "seed": seed, "stage": stage, "steps": st["end_step"],
+                         "rule_met_at": st.get("rule_met_at"), "converged_at": st["converged_at"],
+                         "capped": st["converged_at"] is None, "loss_trend": st.get("loss_trend"),
+                         "final_loss": st["final_loss"], "train_s": st["train_s"]})
+    return rows
+
+
+def _fmt(v) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    return f"{v:.3f}"
+
+
+def _pm(ms) -> str:
+    m, s = ms
+    return _fmt(m) if s is None or math.isnan(s) else f"{_fmt(m)} ± {_fmt(s)}"
+
+
+def report_markdown(result: dict) -> str:
+    """table1.md: segmentation, paired differences, probe and convergence tables."""
+    rows, n_seeds = result["rows"], len(result["seeds"])
     classes = list(rows[0]["metrics"]) if rows else []
-    head = "| pre-training | labels | pre-train time (s) | " + " | ".join(
-        f"{c} {m.upper()}" for c in classes for m in TABLE_METRICS) + " |"
-    lines = [head, "|---" * (3 + len(classes) * len(TABLE_METRICS)) + "|"]
+    out = [f"## Test-set segmentation (mean ± sd over {n_seeds} seed(s) of each seed's mean over the test cases)", "",
+           "| pre-training | labels | pre-train time (s) | " + " | ".join(
+               f"{c} {METRIC_LABELS[m]}" for c in classes for m in TABLE_METRICS) + " | Dice − none [95% CI] |",
+           "|---" * (4 + len(classes) * len(TABLE_METRICS)) + "|"]
     for r in rows:
-        cells = [_fmt(r["metrics"][c][m]) for c in classes for m in TABLE_METRICS]
-        lines.append(f"| {r['init']} | {r['labels']} | {r['pretrain_s']:.1f} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+        cells = [_pm(r["metrics"][c][m]) for c in classes for m in TABLE_METRICS]
+        paired = "; ".join(f"{_fmt(p['mean'])} [{_fmt(p['low'])}, {_fmt(p['high'])}]"
+                           for p in r["paired_dice"].values()) or "-"
+        pre_s = "-" if r["init"] == "none" else _pm(r["pretrain_s"])
+        out.append(f"| {r['init']} | {r['labels']} | {pre_s} | " + " | ".join(cells) + f" | {paired} |")
+    out += ["", "Dice − none: the mean paired difference over seeds × test cases, with a percentile bootstrap "
+                "95% interval; an interval that contains 0 shows no difference at this size.", ""]
+    if result["probe"]:
+        chance = result["probe"][0]["chance"]
+        out += [f"## Representation probe (held-out volumes; linear probe of the partition of a slice from pooled "
+                f"enc4 features; chance {chance:.2f})", "",
+                "| objective | model | partition in crop | partition of anatomy | mean cosine | feature spread |",
+                "|---|---|---|---|---|---|"]
+        for p in result["probe"]:
+            out.append(f"| {p['objective']} | {STAGE_NAMES[p['state']]} | {_pm(p['crop_accuracy'])} | "
+                       f"{_pm(p['anatomy_accuracy'])} | {_pm(p['mean_cosine'])} | {_pm(p['feature_spread'])} |")
+        out += ["", "Collapse would show as mean cosine near 1 and feature spread near 0.", ""]
+    if result["convergence"]:
+        out += ["## Pre-training convergence (the paper's rule: loss within 1% of the mean of the previous 10)", "",
+                "| objective | seed | stage | steps | rule first met | stopped by | loss trend (last 10 vs 10 before) "
+                "| final loss | train time (s) |", "|---|---|---|---|---|---|---|---|---|"]
+        for c in result["convergence"]:
+            stop = "step limit" if c["capped"] else "rule"
+            trend = "-" if c["loss_trend"] is None else f"{100 * c['loss_trend']:+.1f}%"
+            out.append(f"| {c['objective']} | {c['seed']} | {c['stage']} | {c['steps']} | "
+                       f"{c['rule_met_at'] if c['rule_met_at'] is not None else 'never'} | {stop} | {trend} | "
+                       f"{_fmt(c['final_loss'])} | {c['train_s']:.1f} |")
+    return "\n".join(out) + "\n"

@@ -22,19 +22,6 @@ LPS = np.diag([-1.2, -1.2, 2.0, 1.0])
 LPS[:3, 3] = [30.0, 40.0, -10.0]
 
 
-@pytest.fixture(scope="module")
-def spleen_dir(tmp_path_factory):
-    return write_phantom_dataset(tmp_path_factory.mktemp("spleen"), "spleen", 6, n_test=1, shape=(40, 40, 24),
-                                 spacing=(1.2, 1.2, 2.0), seed=3)
-
-
-@pytest.fixture(scope="module")
-def spleen_cache(spleen_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("cache")
-    prepare(load_dataset_json(spleen_dir), out, progress=False, workers=2)
-    return Cache(out)
-
-
 def world(affine, ijk):
     return affine[:3, :3] @ np.asarray(ijk, float) + affine[:3, 3]
 
@@ -211,16 +198,15 @@ def test_phantom_same_partition_slices_are_more_similar(tmp_path, kind):
 
 
 def test_pretrain_pipeline_shapes_determinism_and_resume(spleen_cache):
-    cfg = PretrainDataConfig(crop_size=32, sampled_triplets=6)
+    cfg = PretrainDataConfig(crop_size=32)
     ds = pretrain_dataset(spleen_cache, spleen_cache.training, cfg, seed=7)
     e = ds[3]
     assert e["image"].shape == (4, 32, 32, 32, 1) and e["offset_u"].shape == (3, 4)
-    assert e["triplets"].shape == (3, 6, 4)
-    t = e["triplets"]
-    assert (t[..., 0] != t[..., 1]).all() and (t[..., 2] != t[..., 3]).all()
     assert (e["offset_u"] == e["offset_u"][:, :1]).all()  # shared offset by default
+    assert e["seed"].dtype == np.int32 and e["seed"] != ds[4]["seed"]  # the step draws sampled triplets from it
     again = pretrain_dataset(spleen_cache, spleen_cache.training, cfg, seed=7)[3]
     np.testing.assert_array_equal(again["image"], e["image"])
+    assert again["seed"] == e["seed"]
     it1 = make_iterator(ds, num_threads=1)
     first = [next(it1) for _ in range(3)]
     state = it1.get_state()

@@ -21,7 +21,7 @@ def run_module(module, *args, timeout=600, rc=0):
 
 
 def test_model_summary():
-    out = run_module("experiments.model_summary", "--preset=tiny", "--img_size=32")
+    out = run_module("experiments.model_summary", "--model=tiny", "--img_size=32")
     assert "finite: True" in out and "(1, 32, 32, 32, 2)" in out
 
 
@@ -50,7 +50,7 @@ def test_prepare_phantom_and_pipeline_benchmark(tmp_path):
     index = json.loads((tmp_path / "cache" / "cache.json").read_text())
     assert index["regions"] == {"TC": [2, 3], "WT": [1, 2, 3], "ET": [3]} and len(index["training"]) == 2
     path = tmp_path / "pipe.json"
-    run_module("benchmarks.pipeline", f"--work_dir={tmp_path / 'pipe'}", "--subjects=2", "--crop_size=32",
+    run_module("benchmarks.pipeline", f"--workdir={tmp_path / 'pipe'}", "--subjects=2", "--crop_size=32",
                "--steps=2", "--warmup=1", "--threads=1", f"--json_out={path}")
     rows = json.loads(path.read_text())["rows"]
     assert {r["pipeline"] for r in rows} == {"pretrain", "finetune"} and all(r["crops_per_s"] > 0 for r in rows)
@@ -62,7 +62,7 @@ def test_pretrain_finetune_evaluate_entry_points(tmp_path):
     out = run_module("experiments.pretrain", *common, "--objective=contrastive", "--stage1_steps=2", "--stage2_steps=2")
     assert "pre-training (contrastive): 4 steps" in out
     assert (wd / "pretrain" / "params.msgpack").is_file() and (wd / "pretrain" / "pretrain_loss.png").is_file()
-    recs = [json.loads(l) for l in (wd / "pretrain" / "feat" / "metrics.jsonl").read_text().splitlines()]
+    recs = [json.loads(l) for l in (wd / "pretrain" / "encoder" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in recs] == [1, 2] and all("crops_per_s" in r and "data_wait_s" in r for r in recs)
     md5 = (wd / "pretrain" / "params.msgpack").read_bytes()
     # the same work dir with another objective: refused, old result untouched (not returned under the new name)
@@ -104,27 +104,36 @@ def test_pretrain_finetune_evaluate_entry_points(tmp_path):
 
 def test_table1_main_job_tiny(tmp_path):
     wd = tmp_path / "t1"
-    out = run_module("experiments.table1", "--config=tiny", f"--workdir={wd}", "--noprogress",
+    out = run_module("experiments.table1", "--config=tiny", f"--workdir={wd}", "--noprogress", "--seeds=2",
                      "--objectives=comparative", "--budgets=2", "--stage1_steps=2", "--stage2_steps=2",
                      "--finetune_steps=2", "--eval_every=2", "--phantom_subjects=6")
-    assert "| none | 2 |" in out and "| comparative | 2 |" in out
+    assert "| none | 2 |" in out and "| comparative | 2 |" in out and "Representation probe" in out
     res = json.loads((wd / "table1.json").read_text())
-    assert {r["init"] for r in res["rows"]} == {"none", "comparative"}
-    assert res["pretraining"]["comparative"]["train_s"] > 0 and (wd / "pretrain_loss.png").is_file()
+    assert res["seeds"] == [0, 1] and {r["init"] for r in res["rows"]} == {"none", "comparative"}
+    assert {(r["seed"], r["init"]) for r in res["runs"]} == {(s, i) for s in (0, 1) for i in ("none", "comparative")}
+    # both seeds score the same test cases (data and split are fixed by data_seed)
+    assert len({tuple(sorted(r["cases"])) for r in res["runs"]}) == 1
+    comp = next(r for r in res["rows"] if r["init"] == "comparative")
+    assert comp["seeds"] == 2 and comp["paired_dice"]["spleen"]["n"] == 2 * len(res["runs"][0]["cases"])
+    assert {(p["objective"], p["state"]) for p in res["probe"]} == {("comparative", s) for s in ("random_init", "encoder", "decoder")}
+    assert all(0 <= p["crop_accuracy"][0] <= 1 for p in res["probe"])
+    assert {(c["seed"], c["stage"]) for c in res["convergence"]} == {(s, t) for s in (0, 1) for t in ("encoder", "decoder")}
+    assert res["pretraining"]["seed0/comparative"]["train_s"] > 0 and (wd / "pretrain_loss.png").is_file()
+    assert (wd / "seed1" / "finetune_comparative_2" / "test" / "summary.json").is_file()
 
 
 def test_pretrain_throughput_benchmark(tmp_path):
     path = tmp_path / "pt.json"
-    run_module("benchmarks.pretrain_throughput", "--preset=tiny", "--crop_size=32", "--steps=2", "--warmup=0",
-                     "--objectives=comparative_sampled", "--stages=feat",
-                     f"--work_dir={tmp_path / 'w'}", f"--json_out={path}")
+    run_module("benchmarks.pretrain_throughput", "--config=tiny", "--crop_size=32", "--steps=2", "--warmup=0",
+                     "--objectives=comparative_sampled", "--stages=encoder",
+                     f"--workdir={tmp_path / 'w'}", f"--json_out={path}")
     rows = json.loads(path.read_text())["rows"]
     # sampled triplets and batches from the grain pipeline: the rows run_gpu.sh (tests/test_benchmarks.py) leaves out
     assert [(r["objective"], r["source"]) for r in rows] == [("comparative_sampled", "device"),
                                                              ("comparative_sampled", "pipeline")]
     assert all(r["median_s"] > 0 and r["compile_s"] > 0 and r["flops"] > 0 for r in rows)
     path = tmp_path / "conv.json"
-    run_module("benchmarks.pretrain_throughput", "--mode=convergence", "--preset=tiny", "--max_steps=14",
-               f"--work_dir={tmp_path / 'w'}", f"--json_out={path}")
+    run_module("benchmarks.pretrain_throughput", "--mode=convergence", "--config=tiny", "--max_steps=14",
+               f"--workdir={tmp_path / 'w'}", f"--json_out={path}")
     conv = json.loads(path.read_text())["convergence"]
     assert conv["comparative"]["steps"] >= 2 and conv["ratio_contrastive_over_comparative_wall"] > 0

@@ -140,6 +140,22 @@ def test_sampled_comparative_is_unbiased():
     assert set(tri[:, 0]) == set(range(4)) and set(tri[:, 3]) == set(range(6))
 
 
+def test_every_objective_is_called_the_same_way():
+    s = jnp.asarray(RNG.standard_normal((3, 4, 2, 5)).astype(np.float32))
+    tri = L.sample_triplets(jax.random.key(0), 3, 4, 8)
+    assert set(L.OBJECTIVE_NAMES) == set(L.OBJECTIVES) | set(L.SAMPLED_OBJECTIVES)
+    for name in L.OBJECTIVE_NAMES:
+        got = L.get_objective(name)(s, 0.5, triplets=tri)
+        if name in L.OBJECTIVES:
+            np.testing.assert_allclose(got, L.OBJECTIVES[name](s, 0.5), rtol=1e-6)
+        else:
+            np.testing.assert_allclose(got, L.comparative_sampled(s, tri, 0.5), rtol=1e-6)
+    with pytest.raises(ValueError, match="needs triplets"):
+        L.get_objective("comparative_sampled")(s, 0.5)
+    with pytest.raises(ValueError, match="unknown objective 'triplet'"):
+        L.get_objective("triplet")
+
+
 def test_partition_slices_take_the_right_voxels():
     x = RNG.standard_normal((2, 8, 12, 6, 3)).astype(np.float32)
     offs = jnp.array([1, 0, 2, 1])

@@ -15,24 +15,20 @@ import pytest
 from jaxseg.errors import UserError
 
 from jaxseg.config import get_config
-from jaxseg.data import Cache, PretrainDataConfig, load_dataset_json, make_iterator, prepare, pretrain_dataset, \
-    write_phantom_dataset
+from jaxseg.data import PretrainDataConfig, make_iterator, pretrain_dataset
 from jaxseg.train.checkpoint import Checkpointer, check_workdir, load_params, save_params
 from jaxseg.train.loop import NonFiniteLossError, converged, run_loop
 from jaxseg.train.pretrain import make_pretrain_step, pretrain_state
-from jaxseg.train.run import init_params, make_model
+from jaxseg.workflow import init_params, make_model
 from jaxseg.train.sharding import data_mesh, replicate, shard_batch
 
 ROOT = Path(__file__).resolve().parents[1]
 CFG = get_config("tiny")
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    d = tmp_path_factory.mktemp("train")
-    data = write_phantom_dataset(d / "data", "spleen", 4, shape=(32, 32, 20), seed=2, workers=1)
-    prepare(load_dataset_json(data), d / "cache", progress=False, workers=1)
-    return Cache(d / "cache")
+@pytest.fixture
+def cache(spleen_cache):
+    return spleen_cache
 
 
 def _setup(cache, cfg, stage):
@@ -49,9 +45,9 @@ def _flat(tree):
 
 
 @pytest.mark.parametrize("stage, freeze, frozen_prefixes", [
-    ("feat", False, ("['params']['decoder", "['params']['encoder1']", "['params']['encoder2']",
+    ("encoder", False, ("['params']['decoder", "['params']['encoder1']", "['params']['encoder2']",
                      "['params']['encoder3']", "['params']['out']", "['params']['vit']['norm']")),
-    ("recon", True, ("['params']['vit']", "['params']['encoder")),
+    ("decoder", True, ("['params']['vit']", "['params']['encoder")),
 ])
 def test_frozen_leaves_stay_bit_identical(cache, stage, freeze, frozen_prefixes):
     cfg = CFG.replace(stage2_freeze_encoder=freeze, lr=1e-2, weight_decay=0.1)
@@ -69,9 +65,9 @@ def test_frozen_leaves_stay_bit_identical(cache, stage, freeze, frozen_prefixes)
     assert np.isfinite(float(metrics["loss"])) and "loss_axis2" in metrics
 
 
-def test_sequential_step_is_one_graph_with_the_unrolled_numbers(cache, stage="feat"):
+def test_sequential_step_is_one_graph_with_the_unrolled_numbers(cache, stage="encoder"):
     """The three axis updates share one compiled update and give what three unrolled updates
-    (one graph per axis, as before) give: same losses, same parameters. (Stage 'feat' only: the
+    (one graph per axis, as before) give: same losses, same parameters. (Stage 'encoder' only: the
     stage changes what the features are, not how the axes are stepped, and it compiles fastest.)"""
     import optax
 
@@ -110,6 +106,16 @@ def test_sequential_step_is_one_graph_with_the_unrolled_numbers(cache, stage="fe
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6, err_msg=jax.tree_util.keystr(path))
 
 
+def test_old_stage_names_still_work_with_a_deprecation_warning():
+    from jaxseg.models import pretraining_stage, trainable_in_stage
+
+    for old, new in (("feat", "encoder"), ("recon", "decoder")):
+        with pytest.warns(DeprecationWarning, match=f"use '{new}'"):
+            assert pretraining_stage(old) == new
+    with pytest.raises(ValueError, match="unknown pre-training stage 'stage1'"):
+        trainable_in_stage("stage1", 4)
+
+
 def test_convergence_rule_on_synthetic_losses():
     assert not converged([1.0] * 10)  # needs a full window before the current loss
     assert converged([1.0] * 10 + [1.005])
@@ -118,6 +124,34 @@ def test_convergence_rule_on_synthetic_losses():
     assert not converged(decreasing[:12])
     assert converged([-2.0] * 10 + [-2.01])  # relative to |mean|
     assert converged([1.0] * 4 + [0.5] * 5, window=4, rtol=0.01)
+
+
+def test_min_steps_delays_the_rule_and_both_steps_are_reported(tmp_path):
+    """A loss flat from the start meets the paper's rule at step 11; a warm-up of 25 steps runs
+    on to 25 and still reports where the rule first held."""
+    import grain
+
+    from jaxseg.train.state import TrainState
+
+    def flat_step(state, batch):
+        return state.replace(step=state.step + 1), {"loss": jnp.float32(1.0)}
+
+    ds = grain.MapDataset.range(1000).map(lambda k: {"x": np.zeros(1, np.float32)})
+    state = TrainState(step=jnp.int32(0), params={"w": jnp.zeros(())}, opt_state=())
+    for min_steps, stop, trend in ((0, 11, None), (25, 25, 0.0)):
+        _, summary = run_loop(name="flat", workdir=tmp_path / str(min_steps), state=state, step_fn=flat_step,
+                              data_iter=make_iterator(ds, 1), num_steps=100, prepare_batch=lambda b: b,
+                              crops_per_step=1, should_stop=converged, min_steps=min_steps, progress=False)
+        assert (summary["end_step"], summary["converged_at"], summary["rule_met_at"]) == (stop, stop, 11)
+        assert summary["loss_trend"] == trend  # needs 20 steps
+
+
+def test_loss_trend():
+    from jaxseg.train.loop import loss_trend
+
+    assert loss_trend([1.0] * 19) is None
+    assert loss_trend([2.0] * 10 + [1.0] * 10) == pytest.approx(-0.5)
+    assert loss_trend([9.0] * 5 + [1.0] * 10 + [1.5] * 10) == pytest.approx(0.5)  # only the last 20 count
 
 
 def _run(workdir, state, step, ds, num_steps, ckpt_every=2):
@@ -129,18 +163,18 @@ def _run(workdir, state, step, ds, num_steps, ckpt_every=2):
 
 
 def test_killed_and_resumed_run_equals_uninterrupted(cache, tmp_path):
-    _, state0, step, ds = _setup(cache, CFG, "recon")  # one step function (one compilation) for every run
+    _, state0, step, ds = _setup(cache, CFG, "decoder")  # one step function (one compilation) for every run
     full, first = _run(tmp_path / "a", state0, step, ds, 5)
     # training time is reported without compilation, which is reported beside it
     assert first["compile_s"] > 0 and first["train_s"] <= first["wall_s"] - first["compile_s"] + 1e-6
-    state0 = _setup(cache, CFG, "recon")[1]
+    state0 = _setup(cache, CFG, "decoder")[1]
     _run(tmp_path / "b", state0, step, ds, 3)  # checkpoints at 2 and 3
     ckpt = Checkpointer(tmp_path / "b" / "checkpoints")
     ckpt.manager.delete(3)  # killed after step 3 ran but before it was saved
-    _, saved = ckpt.restore(_setup(cache, CFG, "recon")[1], None)
+    _, saved = ckpt.restore(_setup(cache, CFG, "decoder")[1], None)
     ckpt.close()
     assert saved["train_s"] > 0
-    fresh = _setup(cache, CFG, "recon")[1]
+    fresh = _setup(cache, CFG, "decoder")[1]
     resumed, summary = _run(tmp_path / "b", fresh, step, ds, 5)
     assert summary["start_step"] == 2 and int(resumed.step) == 5
     assert summary["train_s"] > saved["train_s"]  # earlier runs' training time is carried over
@@ -152,7 +186,7 @@ def test_killed_and_resumed_run_equals_uninterrupted(cache, tmp_path):
 
 
 def test_nan_loss_stops_and_keeps_last_checkpoint(cache, tmp_path):
-    _, state, step, ds = _setup(cache, CFG, "feat")
+    _, state, step, ds = _setup(cache, CFG, "encoder")
 
     def poisoned(state, batch):
         state, m = step(state, batch)
@@ -160,7 +194,7 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(cache, tmp_path):
 
     with pytest.raises(NonFiniteLossError, match="step 2.*checkpoint \\(step 2\\)"):
         _run(tmp_path, state, poisoned, ds, 6)
-    _, template, _, _ = _setup(cache, CFG, "feat")
+    _, template, _, _ = _setup(cache, CFG, "encoder")
     ckpt = Checkpointer(tmp_path / "checkpoints")
     restored, extra = ckpt.restore(template, None)
     ckpt.close()
@@ -188,7 +222,7 @@ import jax, numpy as np, jax.numpy as jnp
 from jaxseg.config import get_config
 from jaxseg.data import Cache, PretrainDataConfig, load_dataset_json, prepare, pretrain_dataset, write_phantom_dataset
 from jaxseg.train.pretrain import make_pretrain_step, pretrain_state
-from jaxseg.train.run import init_params, make_model
+from jaxseg.workflow import init_params, make_model
 from jaxseg.train.sharding import data_mesh, replicate, shard_batch
 assert len(jax.devices()) == 4
 d = write_phantom_dataset(r"{tmp_path}/data", "spleen", 3, shape=(32, 32, 20), seed=1, workers=1)
@@ -199,9 +233,9 @@ traj = []
 for devices in (jax.devices()[:1], jax.devices()):
     mesh = data_mesh(devices)
     model = make_model(cfg, cache)
-    state, tx = pretrain_state(model, init_params(model, cfg), cfg, "feat")  # sharding is the same for both stages
+    state, tx = pretrain_state(model, init_params(model, cfg), cfg, "encoder")  # sharding is the same for both stages
     state = replicate(state, mesh)
-    step = make_pretrain_step(model, tx, cfg, "feat", False)
+    step = make_pretrain_step(model, tx, cfg, "encoder", False)
     ds = pretrain_dataset(cache, cache.training, PretrainDataConfig(crop_size=32), seed=0)
     losses = []
     for k in range(3):

@@ -87,7 +87,7 @@ def test_presets_and_full_param_count():
     shapes = jax.eval_shape(full.init, jax.random.key(0), jax.ShapeDtypeStruct((1, 96, 96, 96, 1), jnp.float32))
     # MONAI reports 92,802,274, of which 18,432 are never-used norm_cross_attn LayerNorms.
     assert count_params(shapes) == 92_783_842
-    with pytest.raises(ValueError, match="unknown UNETR preset"):
+    with pytest.raises(ValueError, match="unknown UNETR size"):
         unetr_from_preset("huge")
 
 

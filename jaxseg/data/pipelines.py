@@ -30,7 +30,6 @@ class PretrainDataConfig:
     crops_per_volume: int = 2
     num_partitions: int = 4
     shared_offset: bool = True  # the authors' single offset for all partitions
-    sampled_triplets: int = 0  # K > 0: also emit K (i, j, p, p~) triplets per axis
     flip_prob: float = 0.1
     rot90_prob: float = 0.1
     shift_prob: float = 0.5
@@ -73,16 +72,9 @@ def _pretrain_element(vols: _Volumes, cfg: PretrainDataConfig, k: int, rng: np.r
                                  shift_prob=cfg.shift_prob)[0])
     p = cfg.num_partitions
     u = rng.random((3, 1 if cfg.shared_offset else p))
-    out = {"image": np.stack(crops), "volume": chosen.astype(np.int32),
-           "offset_u": np.broadcast_to(u, (3, p)).astype(np.float32)}
-    if cfg.sampled_triplets:
-        m = len(crops)
-        i = rng.integers(0, m, (3, cfg.sampled_triplets))
-        j = (i + rng.integers(1, m, i.shape)) % m
-        a = rng.integers(0, p, i.shape)
-        b = (a + rng.integers(1, p, i.shape)) % p
-        out["triplets"] = np.stack([i, j, a, b], -1).astype(np.int32)
-    return out
+    return {"image": np.stack(crops), "volume": chosen.astype(np.int32),
+            "offset_u": np.broadcast_to(u, (3, p)).astype(np.float32),
+            "seed": np.int32(rng.integers(0, 2**31 - 1))}
 
 
 def _finetune_element(vols: _Volumes, cfg: FinetuneDataConfig, regions, k: int,
@@ -128,7 +120,8 @@ def pretrain_dataset(cache: Cache, case_ids: Sequence[str], cfg: PretrainDataCon
     """Element k: ``image`` (V*Cv, S, S, S, C) float32 crops ordered [v1a, v1b, v2a, ...],
     ``offset_u`` (3, P) uniforms in [0, 1) for each axis' partition offsets (the step scales
     them by the partition size of the map it slices, so one draw serves encoder and decoder
-    stages), and with ``sampled_triplets`` K, ``triplets`` (3, K, 4) = (i, j, p, p~) per axis."""
+    stages), and ``seed``, from which the step draws the triplets of a sampled objective (one
+    sampler, ``jaxseg.losses.sample_triplets``, inside the jitted step)."""
     vols = _Volumes(cache, case_ids, labels=False)
     return grain.MapDataset.range(_MAX_STEPS).random_map(
         lambda k, rng: _pretrain_element(vols, cfg, k, rng), seed=seed)

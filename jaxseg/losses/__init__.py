@@ -1,15 +1,15 @@
 """Pure losses: pre-training objectives over partition slices, and segmentation losses."""
 
 from jaxseg.losses.objectives import (
-    OBJECTIVES, comparative_code, comparative_loss, comparative_paper, comparative_sampled,
-    contrastive_global, contrastive_loss, contrastive_paper, cosine_similarity, similarity_tensor,
+    OBJECTIVE_NAMES, OBJECTIVES, SAMPLED_OBJECTIVES, comparative_code, comparative_loss, comparative_paper, comparative_sampled,
+    contrastive_global, contrastive_loss, contrastive_paper, cosine_similarity, get_objective, similarity_tensor,
 )
 from jaxseg.losses.partition import partition_size, partition_slices, sample_offsets, sample_triplets
 from jaxseg.losses.segmentation import dice_ce_loss, dice_loss
 
 __all__ = [
-    "OBJECTIVES", "comparative_code", "comparative_loss", "comparative_paper", "comparative_sampled",
+    "OBJECTIVE_NAMES", "OBJECTIVES", "SAMPLED_OBJECTIVES", "comparative_code", "comparative_loss", "comparative_paper", "comparative_sampled",
     "contrastive_global", "contrastive_loss", "contrastive_paper", "cosine_similarity", "dice_ce_loss",
-    "dice_loss", "partition_size", "partition_slices", "sample_offsets", "sample_triplets",
+    "dice_loss", "get_objective", "partition_size", "partition_slices", "sample_offsets", "sample_triplets",
     "similarity_tensor",
 ]

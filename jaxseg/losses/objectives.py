@@ -149,3 +149,24 @@ OBJECTIVES = {
     "contrastive": contrastive_paper,
     "contrastive_global": contrastive_global,
 }
+
+SAMPLED_OBJECTIVES = ("comparative_sampled",)
+OBJECTIVE_NAMES = (*OBJECTIVES, *SAMPLED_OBJECTIVES)
+
+
+def get_objective(name: str):
+    """The objective ``name``, called the same way for all of them:
+    ``f(slices (N, P, C, F), temperature, triplets=None) -> scalar``. Sampled objectives
+    (``SAMPLED_OBJECTIVES``) need ``triplets`` ``(K, 4)`` (``partition.sample_triplets``); the
+    others use every triplet or pair and ignore it."""
+    if name in OBJECTIVES:
+        fn = OBJECTIVES[name]
+        return lambda slices, temperature=1.0, triplets=None: fn(slices, temperature)
+    if name == "comparative_sampled":
+        def sampled(slices, temperature=1.0, triplets=None):
+            if triplets is None:
+                raise ValueError("comparative_sampled needs triplets (K, 4) = (i, j, p, p~); see sample_triplets")
+            return comparative_sampled(slices, triplets, temperature)
+        return sampled
+    raise ValueError(f"unknown objective {name!r}; choose from {OBJECTIVE_NAMES}")
+

@@ -158,7 +158,9 @@ def unetr_flops(model: Any, batch: int = 1, kind: str = "forward", part: str = "
 def pretrain_step_cost(model: Any, batch: int, stage: str, axis_mode: str = "sequential") -> Cost:
     """One pre-training step: stage ``'encoder'`` trains through ``encode``, stage ``'decoder'``
     through the whole network; 'sequential' runs three updates (one per axis)."""
-    part = {"encoder": "encode", "feat": "encode", "decoder": "full", "recon": "full"}[stage]
+    from jaxseg.models.unetr import pretraining_stage
+
+    part = {"encoder": "encode", "decoder": "full"}[pretraining_stage(stage)]
     return unetr_cost(model, batch, "train", part) * (3 if axis_mode == "sequential" else 1)
 
 

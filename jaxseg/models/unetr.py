@@ -141,8 +141,53 @@ class UNETR(nn.Module):
         return self.encoder4(self._grid(hidden[s4]))
 
 
-# Named sizes: `tiny` for tests, `small` for the CPU demo, `paper` for the paper's UNETR.
-PRESETS: dict[str, dict[str, Any]] = {
+# ---- pre-training stages: what each one trains (the freezing masks live beside the model) ----
+
+STAGES = ("encoder", "decoder")
+_OLD_STAGE_NAMES = {"feat": "encoder", "recon": "decoder"}
+
+
+def pretraining_stage(name: str) -> str:
+    """'encoder' (stage 1: enc4 features) or 'decoder' (stage 2: decoder outputs); the old names
+    'feat' and 'recon' still work, with a DeprecationWarning."""
+    if name in _OLD_STAGE_NAMES:
+        import warnings
+
+        warnings.warn(f"stage name {name!r} is deprecated; use {_OLD_STAGE_NAMES[name]!r}", DeprecationWarning,
+                      stacklevel=3)
+        return _OLD_STAGE_NAMES[name]
+    if name not in STAGES:
+        raise ValueError(f"unknown pre-training stage {name!r}; choose from {STAGES}")
+    return name
+
+
+def trainable_in_stage(stage: str, num_layers: int, freeze_encoder: bool = False):
+    """Predicate on a parameter's path of module names: does ``stage`` train it? 'encoder':
+    patch embedding, the ViT blocks up to the enc4 skip, encoder4 (all that enc4 depends on).
+    'decoder': everything (the paper) or, with ``freeze_encoder``, the decoder and output head
+    only (the authors' code)."""
+    stage = pretraining_stage(stage)
+    last = skip_layers(num_layers)[2]
+    decoder = {"decoder5", "decoder4", "decoder3", "decoder2", "out"}
+
+    def top(path):
+        return path[1] if path and path[0] == "params" else path[0]
+
+    def encoder_stage(path):
+        if top(path) == "encoder4":
+            return True
+        if top(path) == "vit":
+            sub = path[path.index("vit") + 1]
+            return sub == "patch_embedding" or (sub.startswith("blocks_") and int(sub.split("_")[1]) <= last)
+        return False
+
+    if stage == "encoder":
+        return encoder_stage
+    return lambda path: top(path) in decoder if freeze_encoder else True
+
+
+# Named sizes (a Config's ``model``): `tiny` for tests, `small` for the CPU demo, `paper` for the paper's UNETR.
+SIZES: dict[str, dict[str, Any]] = {
     "tiny": dict(feature_size=4, hidden_size=32, mlp_dim=64, num_heads=4, num_layers=2, patch_size=16),
     "small": dict(feature_size=8, hidden_size=96, mlp_dim=192, num_heads=4, num_layers=4, patch_size=16),
     "paper": dict(feature_size=16, hidden_size=768, mlp_dim=3072, num_heads=12, num_layers=12, patch_size=16),
@@ -151,9 +196,9 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 def unetr_from_preset(name: str, **overrides: Any) -> UNETR:
     """``UNETR`` with a named size; ``overrides`` set the rest (in/out channels, img_size...)."""
-    if name not in PRESETS:
-        raise ValueError(f"unknown UNETR preset {name!r}; choose from {sorted(PRESETS)}")
-    return UNETR(**{**PRESETS[name], **overrides})
+    if name not in SIZES:
+        raise ValueError(f"unknown UNETR size {name!r}; choose from {sorted(SIZES)}")
+    return UNETR(**{**SIZES[name], **overrides})
 
 
 def init_params(model: UNETR, seed: int | jax.Array = 0) -> Any:

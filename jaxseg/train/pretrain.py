@@ -1,27 +1,25 @@
-"""Staged comparative / contrastive pre-training (stage 1: enc4 features, stage 2: decoder
-outputs; the three axes in turn at each step)."""
+"""Staged comparative / contrastive pre-training (stage 'encoder': enc4 features, stage
+'decoder': decoder outputs; the three axes in turn at each step)."""
 
 from __future__ import annotations
 
-import functools
+import time
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import optax
 
 from jaxseg import losses as L
 from jaxseg.config import Config
-from jaxseg.models.unetr import UNETR
-from jaxseg.train.state import TrainState, create_state, make_optimizer, param_labels, stage_trainable
-
-OBJECTIVE_NAMES = (*L.OBJECTIVES, "comparative_sampled")
+from jaxseg.models.unetr import UNETR, pretraining_stage, trainable_in_stage
+from jaxseg.train.state import TrainState, create_state, make_optimizer, param_labels
+from jaxseg.train.step import make_train_step
 
 
 def stage_features(model: UNETR, params, images, stage: str, output: str, multilabel: bool):
-    """Stage 'feat': enc4 (M, s, s, s, 8F). Stage 'recon': class probabilities (softmax, or
-    sigmoid for multi-label tasks) or raw logits."""
-    if stage == "feat":
+    """Stage 'encoder': enc4 (M, s, s, s, 8F). Stage 'decoder': class probabilities (softmax,
+    or sigmoid for multi-label tasks) or raw logits."""
+    if pretraining_stage(stage) == "encoder":
         return model.apply(params, images, method=UNETR.encode).astype(jnp.float32)
     logits = model.apply(params, images).astype(jnp.float32)
     if output == "logits":
@@ -29,22 +27,28 @@ def stage_features(model: UNETR, params, images, stage: str, output: str, multil
     return jax.nn.sigmoid(logits) if multilabel else jax.nn.softmax(logits, -1)
 
 
-def axis_loss(feats, axis: int, offset_u, triplets, cfg: Config):
-    """Objective over the P partition slices of ``feats`` along ``axis``; ``offset_u`` (P,)
-    uniforms in [0, 1) become offsets within partitions of this map's size."""
+def axis_loss(feats, axis: int, offset_u, key, cfg: Config):
+    """Objective ``cfg.objective`` over the P partition slices of ``feats`` along ``axis``;
+    ``offset_u`` (P,) uniforms in [0, 1) become offsets within partitions of this map's size;
+    ``key`` draws the triplets of a sampled objective."""
     size = L.partition_size(feats.shape[1 + axis], cfg.num_partitions)
     offsets = jnp.minimum((offset_u * size).astype(jnp.int32), size - 1)
     slices = L.partition_slices(feats, axis, offsets)
-    if cfg.objective == "comparative_sampled":
-        return L.comparative_sampled(slices, triplets, cfg.temperature)
-    return L.OBJECTIVES[cfg.objective](slices, cfg.temperature)
+    triplets = None
+    if cfg.objective in L.SAMPLED_OBJECTIVES:
+        triplets = L.sample_triplets(key, slices.shape[0], cfg.num_partitions, cfg.sampled_triplets)
+    return L.get_objective(cfg.objective)(slices, cfg.temperature, triplets=triplets)
 
 
-def traced_axis_loss(feats, axis, offset_u, triplets, cfg: Config):
+def traced_axis_loss(feats, axis, offset_u, key, cfg: Config):
     """``axis_loss`` for a traced ``axis`` (0, 1 or 2): ``lax.switch`` picks the slicing, so one
     graph of the model serves all three axes."""
-    branches = [lambda f, o, t, a=a: axis_loss(f, a, o, t, cfg) for a in range(3)]
-    return jax.lax.switch(axis, branches, feats, offset_u, triplets)
+    branches = [lambda f, o, k, a=a: axis_loss(f, a, o, k, cfg) for a in range(3)]
+    return jax.lax.switch(axis, branches, feats, offset_u, key)
+
+
+def _axis_key(batch, axis):
+    return jax.random.fold_in(jax.random.key(batch["seed"]), axis)
 
 
 class PretrainStep:
@@ -59,8 +63,6 @@ class PretrainStep:
 
     def compile(self, state, batch) -> float:
         """Compile ahead of time (for benchmarks); returns the seconds it took."""
-        import time
-
         t0 = time.perf_counter()
         args = (state, batch, jnp.int32(0)) if self.sequential else (state, batch)
         self.update = self.update.lower(*args).compile()
@@ -68,55 +70,41 @@ class PretrainStep:
 
     def __call__(self, state, batch):
         if not self.sequential:
-            state, loss = self.update(state, batch)
-            return state, {"loss": loss}
+            return self.update(state, batch)
         losses = []
         for a in range(3):
-            state, loss = self.update(state, batch, jnp.int32(a))
-            losses.append(loss)
+            state, m = self.update(state, batch, jnp.int32(a))
+            losses.append(m["loss"])
+        state = state.replace(step=state.step + 1)  # the three updates are one step
         return state, {"loss": sum(losses) / 3, **{f"loss_axis{a}": losses[a] for a in range(3)}}
 
 
 def make_pretrain_step(model: UNETR, tx, cfg: Config, stage: str, multilabel: bool) -> PretrainStep:
-    """The pre-training step for ``stage`` ('feat': enc4 features, 'recon': decoder outputs)."""
-    if cfg.objective not in OBJECTIVE_NAMES:
-        raise ValueError(f"unknown objective {cfg.objective!r}; choose from {OBJECTIVE_NAMES}")
+    """The pre-training step for ``stage`` ('encoder': enc4 features, 'decoder': decoder
+    outputs). Batches carry ``image``, ``offset_u`` (3, P) and ``seed`` (see
+    ``jaxseg.data.pretrain_dataset``)."""
+    L.get_objective(cfg.objective)  # an unknown name fails here, before any compile
     if cfg.axis_mode not in ("sequential", "joint"):
         raise ValueError(f"axis_mode must be 'sequential' or 'joint', got {cfg.axis_mode!r}")
+    stage = pretraining_stage(stage)
 
     def features(params, batch):
         return stage_features(model, params, batch["image"], stage, cfg.stage2_output, multilabel)
 
-    def triplets(batch, a):
-        tri = batch.get("triplets")
-        return None if tri is None else tri[a]
+    def one_axis(params, batch, axis):
+        return traced_axis_loss(features(params, batch), axis, batch["offset_u"][axis], _axis_key(batch, axis), cfg)
 
-    def apply_grads(state: TrainState, loss_fn, done):
-        loss, grads = jax.value_and_grad(loss_fn)(state.params)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        return TrainState(step=state.step + done, params=params, opt_state=opt_state), loss
+    def all_axes(params, batch):
+        f = features(params, batch)
+        return sum(axis_loss(f, a, batch["offset_u"][a], _axis_key(batch, a), cfg) for a in range(3)) / 3
 
-    @functools.partial(jax.jit, donate_argnums=0)
-    def axis_update(state: TrainState, batch, axis):
-        def loss_fn(params):
-            return traced_axis_loss(features(params, batch), axis, batch["offset_u"][axis], triplets(batch, axis), cfg)
-
-        return apply_grads(state, loss_fn, (axis == 2).astype(state.step.dtype))  # a step ends with its last axis
-
-    @functools.partial(jax.jit, donate_argnums=0)
-    def joint_update(state: TrainState, batch):
-        def loss_fn(params):
-            f = features(params, batch)
-            return sum(axis_loss(f, a, batch["offset_u"][a], triplets(batch, a), cfg) for a in range(3)) / 3
-
-        return apply_grads(state, loss_fn, 1)
-
-    sequential = cfg.axis_mode == "sequential"
-    return PretrainStep(axis_update if sequential else joint_update, sequential)
+    if cfg.axis_mode == "sequential":
+        return PretrainStep(make_train_step(one_axis, tx, count_step=False), sequential=True)
+    return PretrainStep(make_train_step(all_axes, tx), sequential=False)
 
 
 def pretrain_state(model: UNETR, params, cfg: Config, stage: str) -> tuple[TrainState, Any]:
-    labels = param_labels(params, stage_trainable(stage, model.num_layers, cfg.stage2_freeze_encoder))
+    """Train state and optimizer of ``stage``: AdamW on what the stage trains, the rest frozen."""
+    labels = param_labels(params, trainable_in_stage(stage, model.num_layers, cfg.stage2_freeze_encoder))
     tx = make_optimizer(cfg.lr, cfg.weight_decay, labels)
     return create_state(params, tx), tx

@@ -1,4 +1,5 @@
-"""Train state, AdamW with truly frozen parameters, and which parameters each stage trains."""
+"""Train state and AdamW with truly frozen parameters (which ones: the model declares them,
+see ``jaxseg.models.unetr.trainable_in_stage``)."""
 
 from __future__ import annotations
 
@@ -32,35 +33,6 @@ def make_optimizer(lr: float = 1e-4, weight_decay: float = 1e-5, labels: Any = N
     if labels is None:
         return adamw
     return optax.multi_transform({"train": adamw, "frozen": optax.set_to_zero()}, labels)
-
-
-def stage_trainable(stage: str, num_layers: int, freeze_encoder: bool = False) -> Callable[[tuple[str, ...]], bool]:
-    """stage 'feat': patch embedding, the ViT blocks up to the enc4 skip, encoder4 (all that
-    enc4 depends on). stage 'recon': everything (the paper) or, with ``freeze_encoder``, the
-    decoder and output head only (the authors' code). Fine-tuning trains everything (no labels)."""
-    from jaxseg.models.unetr import skip_layers
-
-    last = skip_layers(num_layers)[2]
-    decoder = {"decoder5", "decoder4", "decoder3", "decoder2", "out"}
-
-    def feat(path):
-        top = path[1] if path and path[0] == "params" else path[0]
-        if top == "encoder4":
-            return True
-        if top == "vit":
-            sub = path[path.index("vit") + 1]
-            return sub == "patch_embedding" or (sub.startswith("blocks_") and int(sub.split("_")[1]) <= last)
-        return False
-
-    def recon(path):
-        top = path[1] if path and path[0] == "params" else path[0]
-        return top in decoder if freeze_encoder else True
-
-    if stage == "feat":
-        return feat
-    if stage == "recon":
-        return recon
-    raise ValueError(f"unknown stage {stage!r}")
 
 
 def create_state(params: Any, tx: optax.GradientTransformation) -> TrainState:

@@ -1,32 +1,33 @@
-"""Whole jobs: data preparation, staged pre-training, fine-tuning (the experiments call these)."""
+"""Whole jobs, wired data -> model -> train -> evaluate: data prepared once per work dir, staged
+pre-training, fine-tuning, evaluation. The entry points and table1 call these; ``jaxseg.train``
+itself only trains."""
 
 from __future__ import annotations
 
 import functools
 import json
-import math
 from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jaxseg.config import Config, job_settings
 from jaxseg.data import (Cache, FinetuneDataConfig, PrepareConfig, PretrainDataConfig, finetune_dataset,
                          label_budget, load_dataset_json, make_iterator, prepare, pretrain_dataset, split_cases,
                          write_phantom_dataset)
 from jaxseg.data.cache import is_current
-from jaxseg.data.preprocess import label_channels
 from jaxseg.errors import UserError
 from jaxseg.predict import MODEL_CARD, model_card
+from jaxseg.probe import representation_probe
 from jaxseg.run_settings import atomic_write_text, barrier, claim_output_dir, file_digest, is_primary
-from jaxseg.evaluate import evaluate_cases, overlay_rgb, plot_loss_curves
+from jaxseg.evaluate import evaluate_cases, mean_foreground_dice, plot_loss_curves
+from jaxseg.inference import predict_volume
 from jaxseg import models
 from jaxseg.models import unetr_from_preset
-from jaxseg.models.unetr import UNETR
+from jaxseg.models.unetr import STAGES, UNETR
 from jaxseg.train.checkpoint import check_workdir, load_params, save_params
-from jaxseg.train.finetune import dice_per_class, make_finetune_step, predict_volume
+from jaxseg.train.finetune import make_finetune_step
 from jaxseg.train.loop import converged, run_loop
 from jaxseg.train.pretrain import make_pretrain_step, pretrain_state
 from jaxseg.train.sharding import data_mesh, replicate, shard_batch
@@ -37,18 +38,18 @@ def ensure_data(cfg: Config, workdir: Path, progress: bool = True) -> tuple[Cach
     """The cache for ``cfg`` (a phantom dataset when ``cfg.data_dir`` is empty) and its seeded
     train / val / test split."""
     workdir = Path(workdir)
-    data_dir = Path(cfg.data_dir) if cfg.data_dir else workdir / f"phantom_{cfg.phantom}_{cfg.phantom_subjects}_{cfg.seed}"
+    data_dir = Path(cfg.data_dir) if cfg.data_dir else workdir / f"phantom_{cfg.phantom}_{cfg.phantom_subjects}_{cfg.data_seed}"
     cache_dir = workdir / "cache"
     if is_primary():  # the other processes wait, then read what process 0 prepared
         if not cfg.data_dir and not (data_dir / "dataset.json").is_file():
-            write_phantom_dataset(data_dir, cfg.phantom, cfg.phantom_subjects, seed=cfg.seed)
+            write_phantom_dataset(data_dir, cfg.phantom, cfg.phantom_subjects, seed=cfg.data_seed)
         info = load_dataset_json(data_dir)
         prep = PrepareConfig(target_spacing=(cfg.target_spacing,) * 3)
         if not is_current(info, cache_dir, prep):  # validated and prepared once, redone when data or settings change
             prepare(info, cache_dir, prep, progress=progress)
     barrier("prepare")
     cache = Cache(cache_dir)
-    split = split_cases(cache.training, cfg.val_fraction, cfg.test_fraction, cfg.seed)
+    split = split_cases(cache.training, cfg.val_fraction, cfg.test_fraction, cfg.data_seed)
     if len(split["train"]) < 2:
         raise UserError(f"need at least 2 training cases after the split, got {len(split['train'])} "
                         f"({len(cache.training)} cases, val_fraction {cfg.val_fraction}, test_fraction {cfg.test_fraction})")
@@ -88,19 +89,26 @@ def _job_setup(cfg: Config, workdir, out_name: str, progress: bool, job: str, ov
 
 def run_pretraining(cfg: Config, workdir: str | Path, out_name: str = "pretrain",
                     progress: bool = True, overwrite: bool = False) -> tuple[Any, dict]:
-    """Stage 1 (enc4 features) then stage 2 (decoder outputs), each until convergence or its step
+    """Stage 1 'encoder' (enc4 features) then stage 2 'decoder' (decoder outputs), each until convergence or its step
     limit, resuming if a run was interrupted. Data and cache live in ``workdir``; outputs in
     ``workdir/out_name``: ``params.msgpack``, per-stage metrics and summaries,
-    ``pretrain_loss.png``. Returns (params, summary)."""
+    ``pretrain_loss.png``, and in the summary a linear probe of the enc4 features at random
+    init and after each stage (``jaxseg.probe``). Returns (params, summary)."""
     _, cache, split, workdir, model, params = _job_setup(cfg, workdir, out_name, progress, "pretrain", overwrite)
     mesh = data_mesh()
     multilabel = cache.regions is not None
     dcfg = PretrainDataConfig(crop_size=cfg.crop_size, volumes_per_step=cfg.volumes_per_step,
                               crops_per_volume=cfg.crops_per_volume, num_partitions=cfg.num_partitions,
-                              shared_offset=cfg.shared_offset,
-                              sampled_triplets=cfg.sampled_triplets if cfg.objective == "comparative_sampled" else 0)
+                              shared_offset=cfg.shared_offset)
+    encode = jax.jit(functools.partial(model.apply, method=UNETR.encode))
+
+    def probe(params):  # the same crops of the same volumes for every model compared
+        return representation_probe(lambda x: encode(params, x), cache, split["train"], split["val"] + split["test"],
+                                    cfg.crop_size, cfg.num_partitions, seed=cfg.data_seed)
+
+    probes = {"random_init": probe(params)}
     summaries = {}
-    for stage_idx, (stage, steps) in enumerate((("feat", cfg.stage1_steps), ("recon", cfg.stage2_steps))):
+    for stage_idx, (stage, steps) in enumerate(zip(STAGES, (cfg.stage1_steps, cfg.stage2_steps))):
         state, tx = pretrain_state(model, params, cfg, stage)
         ds = pretrain_dataset(cache, split["train"], dcfg, seed=cfg.seed * 1000 + stage_idx)
         state, summary = run_loop(
@@ -110,10 +118,11 @@ def run_pretraining(cfg: Config, workdir: str | Path, out_name: str = "pretrain"
             prepare_batch=functools.partial(shard_batch, mesh=mesh),
             crops_per_step=cfg.volumes_per_step * cfg.crops_per_volume, ckpt_every=cfg.ckpt_every,
             should_stop=functools.partial(converged, window=cfg.convergence_window, rtol=cfg.convergence_rtol),
-            progress=progress, learning_rate=cfg.lr)
+            min_steps=cfg.min_steps, progress=progress, learning_rate=cfg.lr)
         params = state.params
         summaries[stage] = summary
-    total = {"objective": cfg.objective, "stages": summaries,
+        probes[stage] = probe(params)
+    total = {"objective": cfg.objective, "stages": summaries, "probe": probes,
              "train_s": sum(s["train_s"] for s in summaries.values()),
              "compile_s": sum(s["compile_s"] or 0.0 for s in summaries.values()),
              "steps": sum(s["end_step"] for s in summaries.values())}
@@ -123,24 +132,6 @@ def run_pretraining(cfg: Config, workdir: str | Path, out_name: str = "pretrain"
         plot_loss_curves({f"{cfg.objective} {s}": workdir / s / "metrics.jsonl" for s in summaries},
                          workdir / "pretrain_loss.png")
     return params, total
-
-
-def validation_dice(apply_fn, params, cache: Cache, case_ids, cfg: Config, figure: bool = False):
-    """Mean foreground Dice over ``case_ids``; ``apply_fn`` is ``jax.jit(model.apply)``. With
-    ``figure``, returns (Dice, RGB overlay of the first case)."""
-    multilabel = cache.regions is not None
-    scores, rgb = [], None
-    for cid in case_ids:
-        image = np.asarray(cache.image(cid))
-        pred = predict_volume(apply_fn, params, image, cfg.crop_size, cfg.sw_batch_size, cfg.overlap, multilabel)
-        label = np.asarray(cache.label(cid))
-        truth = label_channels(label, cache.regions) if multilabel else label
-        scores += dice_per_class(pred, truth, cache.num_classes, multilabel)
-        if figure and rgb is None:
-            rgb = overlay_rgb(image, label, pred, multilabel, title=cid)
-    vals = [s for s in scores if not math.isnan(s)]
-    dice = float(np.mean(vals)) if vals else float("nan")
-    return (dice, rgb) if figure else dice
 
 
 def run_finetuning(cfg: Config, workdir: str | Path, init: str | Path | None = None,
@@ -166,7 +157,11 @@ def run_finetuning(cfg: Config, workdir: str | Path, init: str | Path | None = N
     apply_fn = jax.jit(model.apply)
 
     def evaluate(state, step):
-        d, rgb = validation_dice(apply_fn, state.params, cache, split["val"], cfg, figure=is_primary())
+        def predict(image):
+            return predict_volume(apply_fn, state.params, image, cfg.crop_size, cfg.sw_batch_size, cfg.overlap,
+                                  multilabel)
+
+        d, rgb = mean_foreground_dice(predict, cache, split["val"], figure=is_primary())
         if d > best["val_dice"] or not best_path.exists():
             best.update(val_dice=d, step=step)
             if is_primary():
