@@ -35,7 +35,7 @@ def main(argv):
     jax.config.update("jax_enable_compilation_cache", False)
     s = FLAGS.crop_size
     cfg = get_config(FLAGS.config, crop_size=s)
-    model = unetr_from_preset(cfg.model, in_channels=1, out_channels=2, img_size=s,
+    model = unetr_from_preset(cfg.model.size, in_channels=1, out_channels=2, img_size=s,
                               dtype=jnp.bfloat16 if FLAGS.dtype == "bfloat16" else jnp.float32)
     params = init_params(model)
     rng = np.random.default_rng(0)

@@ -63,7 +63,7 @@ def phantom_cache(work: Path, subjects: int = 8) -> Cache:
 
 def _model(cfg, s, dtype):
     extra = dict(num_layers=12, patch_size=16) if FLAGS.against == "monai" else {}  # MONAI's fixed sizes
-    return unetr_from_preset(cfg.model, in_channels=1, out_channels=2, img_size=s, dtype=dtype, **extra)
+    return unetr_from_preset(cfg.model.size, in_channels=1, out_channels=2, img_size=s, dtype=dtype, **extra)
 
 
 def jax_step(cfg, cache, objective, stage, source, s):
@@ -193,13 +193,13 @@ def time_to_convergence(cfg, cache):
     out = {}
     for objective in ("comparative", "contrastive"):
         c = cfg.replace(objective=objective)
-        model = unetr_from_preset(c.model, in_channels=1, out_channels=2, img_size=c.crop_size)
+        model = unetr_from_preset(c.model.size, in_channels=1, out_channels=2, img_size=c.model.crop_size)
         params = init_params(model)
         res = {"stages": {}}
         for k, stage in enumerate(STAGES):
             state, tx = pretrain_state(model, params, c, stage)
             step = make_pretrain_step(model, tx, c, stage, False)
-            it = make_iterator(pretrain_dataset(cache, cache.training, PretrainDataConfig(crop_size=c.crop_size), seed=k), 2)
+            it = make_iterator(pretrain_dataset(cache, cache.training, PretrainDataConfig(crop_size=c.model.crop_size), seed=k), 2)
             hist, wall, first = [], 0.0, None
             for n in range(FLAGS.max_steps):
                 b = jax.device_put({kk: jnp.asarray(v) for kk, v in next(it).items()})
@@ -211,7 +211,7 @@ def time_to_convergence(cfg, cache):
                     first = dt
                 else:
                     wall += dt
-                if converged(hist, c.convergence_window, c.convergence_rtol):
+                if converged(hist, c.pretrain.convergence_window, c.pretrain.convergence_rtol):
                     break
             params = state.params
             res["stages"][stage] = {"steps": len(hist), "wall_s": wall, "compile_s": first,

@@ -1,13 +1,12 @@
-"""Flags shared by the entry points: --config picks a preset; every Config field is a flag."""
+"""Flags shared by the entry points: --config picks a preset; every setting is a flag, by its
+flat name (``jaxseg.config.FLAT_NAMES``: --objective sets ``cfg.pretrain.objective``)."""
 
 from __future__ import annotations
-
-import dataclasses
 
 from absl import flags
 
 from experiments import cli  # noqa: F401  (--verbose)
-from jaxseg.config import PRESETS, Config, get_config
+from jaxseg.config import FLAT_NAMES, PRESETS, Config, get_config
 from jaxseg.train.sharding import initialize_distributed
 
 FLAGS = flags.FLAGS
@@ -21,10 +20,10 @@ flags.DEFINE_string("compilation_cache", "auto",
 flags.DEFINE_string("coordinator", None, "multi-host: coordinator address host:port")
 flags.DEFINE_integer("num_processes", None, "multi-host: number of processes")
 flags.DEFINE_integer("process_id", None, "multi-host: this process's id")
-for _f in dataclasses.fields(Config):
+for _name, _value in Config().flat().items():
     _kind = {bool: flags.DEFINE_bool, int: flags.DEFINE_integer, float: flags.DEFINE_float}.get(
-        type(_f.default), flags.DEFINE_string)
-    _kind(_f.name, None, f"override the preset's {_f.name}")
+        type(_value), flags.DEFINE_string)
+    _kind(_name, None, f"override the preset's {'.'.join(FLAT_NAMES[_name])}")
 
 
 def config_from_flags() -> Config:
@@ -35,7 +34,7 @@ def config_from_flags() -> Config:
     from jaxseg.compilation_cache import enable_compilation_cache
 
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
-    overrides = {f.name: FLAGS[f.name].value for f in dataclasses.fields(Config) if FLAGS[f.name].value is not None}
+    overrides = {k: FLAGS[k].value for k in FLAT_NAMES if FLAGS[k].value is not None}
     cfg = get_config(FLAGS.config, **overrides)
     # Identical programs (a rerun, each fine-tuning run, each evaluation) compile once per machine.
     enable_compilation_cache(FLAGS.compilation_cache)

@@ -1,13 +1,17 @@
-"""Experiment configuration: one frozen dataclass with named presets.
+"""Experiment configuration: a frozen, nested dataclass (model / data / pretrain / finetune /
+eval) with named presets. Each setting also has one flat name (``FLAT_NAMES``: the flag, the key
+in settings.json, what ``Config.replace`` takes).
 
 ``tiny``: tests (32^3 crops, 2-layer ViT); ``small``: the CPU main job (32^3 crops at 3 mm, 4 layers);
-``gpu``: the same protocol at the paper's shapes for one GPU; ``paper``: the paper's sizes (UNETR full size, 96^3 spleen crops, P = 4, 10,000 steps, 25,000 fine-tuning
-steps). Experiments select one with ``--config`` and override single fields with flags.
+``gpu``: the same protocol at the paper's shapes for one GPU; ``paper``: the paper's sizes (UNETR
+full size, 96^3 spleen crops, P = 4, 10,000 steps, 25,000 fine-tuning steps). Experiments select
+one with ``--config`` and override single settings with flags.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import types
 
 from jaxseg.errors import UserError
 from jaxseg.losses.objectives import OBJECTIVE_NAMES
@@ -36,23 +40,27 @@ NO_RESULT_FIELDS = ("data_threads", "ckpt_every", "sw_batch_size")
 
 
 @dataclasses.dataclass(frozen=True)
-class Config:
-    # model
-    model: str = "small"  # UNETR preset: tiny | small | paper
+class ModelConfig:
+    size: str = "small"  # UNETR size: tiny | small | paper (jaxseg.models.SIZES)
     crop_size: int = 64
     dtype: str = "float32"  # compute dtype; bfloat16 on accelerators
-    # data
-    data_dir: str = ""  # MSD folder; empty: generate a phantom dataset in the work dir
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    dir: str = ""  # MSD folder; empty: generate a phantom dataset in the work dir
     phantom: str = "spleen"  # spleen | braintumour
     phantom_subjects: int = 24
     target_spacing: float = 1.0
     val_fraction: float = 0.2
     test_fraction: float = 0.2
-    data_seed: int = 0  # the phantom dataset and the train / val / test split
-    seed: int = 0  # initialisation, the labelled subset, crops: what table1 --seeds varies
-    data_threads: int = 2
-    # pre-training
-    objective: str = "comparative"  # comparative | comparative_code | comparative_sampled | contrastive | contrastive_global
+    seed: int = 0  # the phantom dataset and the train / val / test split
+    threads: int = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class PretrainConfig:
+    objective: str = "comparative"  # see jaxseg.losses.OBJECTIVE_NAMES
     temperature: float = 1.0  # the paper's equations; the authors' code used 0.1
     num_partitions: int = 4
     shared_offset: bool = True
@@ -67,43 +75,120 @@ class Config:
     convergence_window: int = 10
     convergence_rtol: float = 0.01
     min_steps: int = 0  # opt-in warm-up: the convergence rule cannot end a stage before this step
-    # fine-tuning
-    finetune_steps: int = 25000
-    finetune_volumes_per_step: int = 1
-    finetune_crops_per_volume: int = 4
+
+
+@dataclasses.dataclass(frozen=True)
+class FinetuneConfig:
+    steps: int = 25000
+    volumes_per_step: int = 1
+    crops_per_volume: int = 4
     label_budget: int = 0  # 0: all labelled training cases
     eval_every: int = 500
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
     sw_batch_size: int = 4
     overlap: float = 0.25
-    # optimisation and bookkeeping
+
+
+GROUPS = {"model": ModelConfig, "data": DataConfig, "pretrain": PretrainConfig, "finetune": FinetuneConfig,
+          "eval": EvalConfig}
+# Every setting has one flat name: its flag, its key in settings.json, and what ``replace``
+# takes. Mostly the field's own name; where a group's field name would be ambiguous alone, this
+# table gives the flat one.
+_RENAMED = {("model", "size"): "model", ("data", "dir"): "data_dir", ("data", "seed"): "data_seed",
+            ("data", "threads"): "data_threads", ("finetune", "steps"): "finetune_steps",
+            ("finetune", "volumes_per_step"): "finetune_volumes_per_step",
+            ("finetune", "crops_per_volume"): "finetune_crops_per_volume"}
+FLAT_NAMES: dict[str, tuple[str, str] | tuple[str]] = {
+    **{_RENAMED.get((g, f.name), f.name): (g, f.name) for g, cls in GROUPS.items() for f in dataclasses.fields(cls)},
+    **{n: (n,) for n in ("seed", "lr", "weight_decay", "ckpt_every")},
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """model / data / pretrain / finetune / eval settings, plus what every job shares. Read
+    ``cfg.pretrain.objective``; set with flat names, ``cfg.replace(objective=...)``
+    (``FLAT_NAMES``), which is also how flags and settings.json name them."""
+
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    pretrain: PretrainConfig = PretrainConfig()
+    finetune: FinetuneConfig = FinetuneConfig()
+    eval: EvalConfig = EvalConfig()
+    seed: int = 0  # initialisation, the labelled subset, crops: what table1 --seeds varies
     lr: float = 1e-4
     weight_decay: float = 1e-5
     ckpt_every: int = 100
 
     def __post_init__(self):
-        problems = config_problems(self)
+        problems = config_problems(self.flat())
         if problems:
             raise UserError("invalid settings: " + "; ".join(problems))
 
-    def replace(self, **kw) -> "Config":
-        return dataclasses.replace(self, **kw)
+    @classmethod
+    def from_flat(cls, **flat) -> "Config":
+        return cls().replace(**flat)
+
+    def replace(self, **flat) -> "Config":
+        """A copy with settings changed by flat name (``crop_size=32, objective='contrastive'``)."""
+        unknown = sorted(set(flat) - set(FLAT_NAMES))
+        if unknown:
+            raise UserError(f"unknown setting(s) {unknown}")
+        top = {k: v for k, v in flat.items() if len(FLAT_NAMES[k]) == 1}
+        for g in GROUPS:
+            sub = {FLAT_NAMES[k][1]: v for k, v in flat.items() if FLAT_NAMES[k][0] == g and len(FLAT_NAMES[k]) == 2}
+            if sub:
+                top[g] = dataclasses.replace(getattr(self, g), **sub)
+        return dataclasses.replace(self, **top)
+
+    def flat(self) -> dict:
+        """Every setting by its flat name."""
+        return {k: getattr(getattr(self, p[0]), p[1]) if len(p) == 2 else getattr(self, p[0])
+                for k, p in FLAT_NAMES.items()}
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def pretrain_data(self):
+        """The pre-training input pipeline's settings, derived from this config."""
+        from jaxseg.data import PretrainDataConfig
+
+        p = self.pretrain
+        return PretrainDataConfig(crop_size=self.model.crop_size, volumes_per_step=p.volumes_per_step,
+                                  crops_per_volume=p.crops_per_volume, num_partitions=p.num_partitions,
+                                  shared_offset=p.shared_offset)
+
+    def finetune_data(self):
+        """The fine-tuning input pipeline's settings, derived from this config."""
+        from jaxseg.data import FinetuneDataConfig
+
+        f = self.finetune
+        return FinetuneDataConfig(crop_size=self.model.crop_size, volumes_per_step=f.volumes_per_step,
+                                  crops_per_volume=f.crops_per_volume)
+
+    def prepare(self):
+        """The preprocessing cache's settings."""
+        from jaxseg.data import PrepareConfig
+
+        return PrepareConfig(target_spacing=(self.data.target_spacing,) * 3)
+
 
 def job_settings(c: Config, job: str) -> dict:
-    """The fields of ``c`` that the result of ``job`` ('pretrain', 'finetune', 'evaluate') depends on."""
+    """The settings (flat names) that the result of ``job`` ('pretrain', 'finetune', 'evaluate') depends on."""
     own = {"pretrain": PRETRAIN_FIELDS, "finetune": FINETUNE_FIELDS + EVAL_FIELDS, "evaluate": EVAL_FIELDS}[job]
     others = set(PRETRAIN_FIELDS + FINETUNE_FIELDS + EVAL_FIELDS + NO_RESULT_FIELDS) - set(own)
-    return {"job": job, **{k: v for k, v in c.as_dict().items() if k not in others}}
+    return {"job": job, **{k: v for k, v in c.flat().items() if k not in others}}
 
 
-def config_problems(c: Config) -> list[str]:
-    """Every impossible setting, one short phrase each (checked before any data or compile work)."""
-    out = [f"{k} must be one of {', '.join(v)}, got {getattr(c, k)!r}" for k, v in CHOICES.items()
-           if getattr(c, k) not in v]
-    out += [f"{k} must be >= 1, got {getattr(c, k)}" for k in AT_LEAST_ONE if getattr(c, k) < 1]
+def config_problems(flat: dict) -> list[str]:
+    """Every impossible setting (by flat name), one short phrase each, checked before any data or
+    compile work."""
+    c = types.SimpleNamespace(**flat)
+    out = [f"{k} must be one of {', '.join(v)}, got {flat[k]!r}" for k, v in CHOICES.items() if flat[k] not in v]
+    out += [f"{k} must be >= 1, got {flat[k]}" for k in AT_LEAST_ONE if flat[k] < 1]
     if c.crop_size >= 1 and c.crop_size % 16:
         out.append(f"crop_size must be a multiple of 16 (the ViT patch), got {c.crop_size}")
     if c.num_partitions < 2:
@@ -113,11 +198,11 @@ def config_problems(c: Config) -> list[str]:
     if c.label_budget < 0:
         out.append(f"label_budget must be >= 0 (0: all labelled training cases), got {c.label_budget}")
     for k in ("target_spacing", "temperature", "lr"):
-        if not getattr(c, k) > 0:
-            out.append(f"{k} must be > 0, got {getattr(c, k)}")
+        if not flat[k] > 0:
+            out.append(f"{k} must be > 0, got {flat[k]}")
     for k in ("weight_decay", "convergence_rtol"):
-        if not getattr(c, k) >= 0:
-            out.append(f"{k} must be >= 0, got {getattr(c, k)}")
+        if not flat[k] >= 0:
+            out.append(f"{k} must be >= 0, got {flat[k]}")
     if not 0 <= c.overlap < 1:
         out.append(f"overlap must be in [0, 1), got {c.overlap}")
     if not (0 <= c.val_fraction < 1 and 0 <= c.test_fraction < 1 and c.val_fraction + c.test_fraction < 1):
@@ -127,7 +212,7 @@ def config_problems(c: Config) -> list[str]:
 
 
 PRESETS: dict[str, Config] = {
-    "tiny": Config(model="tiny", crop_size=32, phantom_subjects=8, stage1_steps=3, stage2_steps=3,
+    "tiny": Config.from_flat(model="tiny", crop_size=32, phantom_subjects=8, stage1_steps=3, stage2_steps=3,
                    finetune_steps=4, eval_every=2, ckpt_every=2, sampled_triplets=8),
     # The CPU main job (~10 min on 2 cores, 3 seeds): at 3 mm a 32^3 crop holds the whole
     # foreground-cropped phantom, so crop partitions are the same anatomy in every image (the
@@ -135,24 +220,22 @@ PRESETS: dict[str, Config] = {
     # 150 steps; 0.00 at 2 mm). Stage 2 takes one update for the three axes ('joint') on one
     # crop of each of 2 volumes: 1/6 of the paper's step cost, so both stages can run until the
     # convergence rule stops them.
-    "small": Config(model="small", crop_size=32, target_spacing=3.0, phantom_subjects=20, axis_mode="joint",
+    "small": Config.from_flat(model="small", crop_size=32, target_spacing=3.0, phantom_subjects=20, axis_mode="joint",
                     volumes_per_step=2, crops_per_volume=1, stage1_steps=500, stage2_steps=300,
                     finetune_steps=150, finetune_crops_per_volume=2, eval_every=50, ckpt_every=50, lr=1e-3),
     # The same protocol at the paper's shapes for one H100/H200 (full UNETR, 96^3 crops at 1 mm,
     # which hold the whole phantom as small's 32^3 at 3 mm do; bf16; the paper's sequential axes,
     # batch and learning rate). Sized from estimates of the step times (not yet run on a GPU):
     # ~10 min for table1 --seeds=3 with a warm compilation cache.
-    "gpu": Config(model="paper", crop_size=96, target_spacing=1.0, phantom_subjects=20, dtype="bfloat16",
+    "gpu": Config.from_flat(model="paper", crop_size=96, target_spacing=1.0, phantom_subjects=20, dtype="bfloat16",
                   stage1_steps=500, stage2_steps=300, finetune_steps=500, eval_every=100, ckpt_every=100,
                   sw_batch_size=8),
-    "paper": Config(model="paper", crop_size=96),
+    "paper": Config.from_flat(model="paper", crop_size=96),
 }
 
 
 def get_config(name: str, **overrides) -> Config:
+    """Preset ``name`` with settings changed by flat name."""
     if name not in PRESETS:
         raise UserError(f"unknown config {name!r}; choose from {sorted(PRESETS)}")
-    unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(Config)})
-    if unknown:
-        raise UserError(f"unknown setting(s) {unknown}")
     return PRESETS[name].replace(**overrides)

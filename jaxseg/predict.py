@@ -44,12 +44,12 @@ class Preprocessing:
 def model_card(cfg, cache) -> dict:
     """What ``load_model`` needs, from a run's config and its data cache."""
     prep = cache.index.get("prepare", {})
-    return {"model": cfg.model, "crop_size": cfg.crop_size, "dtype": cfg.dtype,
+    return {"model": cfg.model.size, "crop_size": cfg.model.crop_size, "dtype": cfg.model.dtype,
             "in_channels": cache.num_channels, "out_channels": cache.num_classes,
             "class_names": cache.class_names, "multilabel": cache.regions is not None,
             "target_spacing": list(cache.index["target_spacing"]), "is_ct": bool(cache.index.get("is_ct")),
-            "ct_range": list(prep.get("ct_range", (-175.0, 250.0))), "overlap": cfg.overlap,
-            "sw_batch_size": cfg.sw_batch_size}
+            "ct_range": list(prep.get("ct_range", (-175.0, 250.0))), "overlap": cfg.eval.overlap,
+            "sw_batch_size": cfg.eval.sw_batch_size}
 
 
 def load_model(run: str | Path, dtype: str | None = None) -> tuple[Any, Any, Preprocessing]:

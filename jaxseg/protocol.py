@@ -63,7 +63,7 @@ def run_table1(cfg: Config, workdir: str | Path, objectives=("contrastive", "com
                 runs.append({"seed": seed, "init": init, "budget": budget or "all", "labels": len(ft["label_cases"]),
                              "pretrain_s": p["train_s"] if p else 0.0, "pretrain_steps": p["steps"] if p else 0,
                              "best_val_dice": ft["best"]["val_dice"], "cases": ev["per_case"]})
-    result = {"config": cfg.as_dict(), "seeds": seed_list, "runs": runs, "rows": summary_rows(runs),
+    result = {"config": cfg.flat(), "seeds": seed_list, "runs": runs, "rows": summary_rows(runs),
               "pretraining": {f"seed{s}/{o}": v for (s, o), v in pre.items()},
               "probe": probe_rows(pre), "convergence": convergence_rows(pre)}
     if is_primary():

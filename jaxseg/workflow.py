@@ -13,9 +13,8 @@ import jax
 import jax.numpy as jnp
 
 from jaxseg.config import Config, job_settings
-from jaxseg.data import (Cache, FinetuneDataConfig, PrepareConfig, PretrainDataConfig, finetune_dataset,
-                         label_budget, load_dataset_json, make_iterator, prepare, pretrain_dataset, split_cases,
-                         write_phantom_dataset)
+from jaxseg.data import (Cache, finetune_dataset, label_budget, load_dataset_json, make_iterator, prepare,
+                         pretrain_dataset, split_cases, write_phantom_dataset)
 from jaxseg.data.cache import is_current
 from jaxseg.errors import UserError
 from jaxseg.predict import MODEL_CARD, model_card
@@ -35,33 +34,34 @@ from jaxseg.train.state import create_state, make_optimizer
 
 
 def ensure_data(cfg: Config, workdir: Path, progress: bool = True) -> tuple[Cache, dict[str, list[str]]]:
-    """The cache for ``cfg`` (a phantom dataset when ``cfg.data_dir`` is empty) and its seeded
+    """The cache for ``cfg`` (a phantom dataset when ``cfg.data.dir`` is empty) and its seeded
     train / val / test split."""
     workdir = Path(workdir)
-    data_dir = Path(cfg.data_dir) if cfg.data_dir else workdir / f"phantom_{cfg.phantom}_{cfg.phantom_subjects}_{cfg.data_seed}"
+    d = cfg.data
+    data_dir = Path(d.dir) if d.dir else workdir / f"phantom_{d.phantom}_{d.phantom_subjects}_{d.seed}"
     cache_dir = workdir / "cache"
     if is_primary():  # the other processes wait, then read what process 0 prepared
-        if not cfg.data_dir and not (data_dir / "dataset.json").is_file():
-            write_phantom_dataset(data_dir, cfg.phantom, cfg.phantom_subjects, seed=cfg.data_seed)
+        if not d.dir and not (data_dir / "dataset.json").is_file():
+            write_phantom_dataset(data_dir, d.phantom, d.phantom_subjects, seed=d.seed)
         info = load_dataset_json(data_dir)
-        prep = PrepareConfig(target_spacing=(cfg.target_spacing,) * 3)
+        prep = cfg.prepare()
         if not is_current(info, cache_dir, prep):  # validated and prepared once, redone when data or settings change
             prepare(info, cache_dir, prep, progress=progress)
     barrier("prepare")
     cache = Cache(cache_dir)
-    split = split_cases(cache.training, cfg.val_fraction, cfg.test_fraction, cfg.data_seed)
+    split = split_cases(cache.training, d.val_fraction, d.test_fraction, d.seed)
     if len(split["train"]) < 2:
         raise UserError(f"need at least 2 training cases after the split, got {len(split['train'])} "
-                        f"({len(cache.training)} cases, val_fraction {cfg.val_fraction}, test_fraction {cfg.test_fraction})")
+                        f"({len(cache.training)} cases, val_fraction {d.val_fraction}, test_fraction {d.test_fraction})")
     if is_primary():
         atomic_write_text(workdir / "split.json", json.dumps(split, indent=1))
     return cache, split
 
 
 def make_model(cfg: Config, cache: Cache) -> UNETR:
-    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[cfg.dtype]
-    return unetr_from_preset(cfg.model, in_channels=cache.num_channels, out_channels=cache.num_classes,
-                             img_size=cfg.crop_size, dtype=dtype)
+    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[cfg.model.dtype]
+    return unetr_from_preset(cfg.model.size, in_channels=cache.num_channels, out_channels=cache.num_classes,
+                             img_size=cfg.model.crop_size, dtype=dtype)
 
 
 def init_params(model: UNETR, cfg: Config) -> Any:
@@ -74,8 +74,8 @@ def _job_setup(cfg: Config, workdir, out_name: str, progress: bool, job: str, ov
     output dir records the settings (and input files, by digest) that its results depend on."""
     root = check_workdir(workdir)
     cache, split = ensure_data(cfg, root, progress)
-    if job == "finetune" and cfg.label_budget > len(split["train"]):
-        raise UserError(f"label_budget {cfg.label_budget} exceeds the {len(split['train'])} labelled training "
+    if job == "finetune" and cfg.finetune.label_budget > len(split["train"]):
+        raise UserError(f"label_budget {cfg.finetune.label_budget} exceeds the {len(split['train'])} labelled training "
                         f"cases; use 1..{len(split['train'])} (0: all)")
     settings = {**job_settings(cfg, job), "data": file_digest(Path(cache.root) / "cache.json"),
                 **{k: None if v is None else {"path": str(Path(v).absolute()), "sha256": file_digest(v)}
@@ -97,39 +97,37 @@ def run_pretraining(cfg: Config, workdir: str | Path, out_name: str = "pretrain"
     _, cache, split, workdir, model, params = _job_setup(cfg, workdir, out_name, progress, "pretrain", overwrite)
     mesh = data_mesh()
     multilabel = cache.regions is not None
-    dcfg = PretrainDataConfig(crop_size=cfg.crop_size, volumes_per_step=cfg.volumes_per_step,
-                              crops_per_volume=cfg.crops_per_volume, num_partitions=cfg.num_partitions,
-                              shared_offset=cfg.shared_offset)
+    dcfg, p = cfg.pretrain_data(), cfg.pretrain
     encode = jax.jit(functools.partial(model.apply, method=UNETR.encode))
 
     def probe(params):  # the same crops of the same volumes for every model compared
         return representation_probe(lambda x: encode(params, x), cache, split["train"], split["val"] + split["test"],
-                                    cfg.crop_size, cfg.num_partitions, seed=cfg.data_seed)
+                                    cfg.model.crop_size, p.num_partitions, seed=cfg.data.seed)
 
     probes = {"random_init": probe(params)}
     summaries = {}
-    for stage_idx, (stage, steps) in enumerate(zip(STAGES, (cfg.stage1_steps, cfg.stage2_steps))):
+    for stage_idx, (stage, steps) in enumerate(zip(STAGES, (p.stage1_steps, p.stage2_steps))):
         state, tx = pretrain_state(model, params, cfg, stage)
         ds = pretrain_dataset(cache, split["train"], dcfg, seed=cfg.seed * 1000 + stage_idx)
         state, summary = run_loop(
             name=f"pretrain_{stage}", workdir=workdir / stage, state=replicate(state, mesh),
             step_fn=make_pretrain_step(model, tx, cfg, stage, multilabel),
-            data_iter=make_iterator(ds, cfg.data_threads), num_steps=steps,
+            data_iter=make_iterator(ds, cfg.data.threads), num_steps=steps,
             prepare_batch=functools.partial(shard_batch, mesh=mesh),
-            crops_per_step=cfg.volumes_per_step * cfg.crops_per_volume, ckpt_every=cfg.ckpt_every,
-            should_stop=functools.partial(converged, window=cfg.convergence_window, rtol=cfg.convergence_rtol),
-            min_steps=cfg.min_steps, progress=progress, learning_rate=cfg.lr)
+            crops_per_step=p.volumes_per_step * p.crops_per_volume, ckpt_every=cfg.ckpt_every,
+            should_stop=functools.partial(converged, window=p.convergence_window, rtol=p.convergence_rtol),
+            min_steps=p.min_steps, progress=progress, learning_rate=cfg.lr)
         params = state.params
         summaries[stage] = summary
         probes[stage] = probe(params)
-    total = {"objective": cfg.objective, "stages": summaries, "probe": probes,
+    total = {"objective": p.objective, "stages": summaries, "probe": probes,
              "train_s": sum(s["train_s"] for s in summaries.values()),
              "compile_s": sum(s["compile_s"] or 0.0 for s in summaries.values()),
              "steps": sum(s["end_step"] for s in summaries.values())}
     if is_primary():
         save_params(workdir / "params.msgpack", params)
         atomic_write_text(workdir / "pretrain_summary.json", json.dumps(total, indent=1))
-        plot_loss_curves({f"{cfg.objective} {s}": workdir / s / "metrics.jsonl" for s in summaries},
+        plot_loss_curves({f"{p.objective} {s}": workdir / s / "metrics.jsonl" for s in summaries},
                          workdir / "pretrain_loss.png")
     return params, total
 
@@ -137,8 +135,8 @@ def run_pretraining(cfg: Config, workdir: str | Path, out_name: str = "pretrain"
 def run_finetuning(cfg: Config, workdir: str | Path, init: str | Path | None = None,
                    out_name: str = "finetune", progress: bool = True, overwrite: bool = False) -> tuple[Any, dict]:
     """Dice+CE fine-tuning from random init or ``init`` (a params.msgpack), on the first
-    ``cfg.label_budget`` labelled training cases (all when 0); validation Dice every
-    ``cfg.eval_every`` steps keeps the best parameters in ``best.msgpack`` (never the test
+    ``cfg.finetune.label_budget`` labelled training cases (all when 0); validation Dice every
+    ``cfg.finetune.eval_every`` steps keeps the best parameters in ``best.msgpack`` (never the test
     set). Data in ``workdir``, outputs in ``workdir/out_name``. Returns (best params, summary)."""
     _, cache, split, workdir, model, params = _job_setup(cfg, workdir, out_name, progress, "finetune", overwrite,
                                                          init=init or None)
@@ -146,9 +144,8 @@ def run_finetuning(cfg: Config, workdir: str | Path, init: str | Path | None = N
     if init:
         params = load_params(init, params)
     multilabel = cache.regions is not None
-    ids = label_budget(split["train"], cfg.label_budget or None, cfg.seed)
-    dcfg = FinetuneDataConfig(crop_size=cfg.crop_size, volumes_per_step=cfg.finetune_volumes_per_step,
-                              crops_per_volume=cfg.finetune_crops_per_volume)
+    ids = label_budget(split["train"], cfg.finetune.label_budget or None, cfg.seed)
+    dcfg = cfg.finetune_data()
     tx = make_optimizer(cfg.lr, cfg.weight_decay)
     state = replicate(create_state(params, tx), mesh)
     best_path, best_json = workdir / "best.msgpack", workdir / "best.json"
@@ -158,7 +155,8 @@ def run_finetuning(cfg: Config, workdir: str | Path, init: str | Path | None = N
 
     def evaluate(state, step):
         def predict(image):
-            return predict_volume(apply_fn, state.params, image, cfg.crop_size, cfg.sw_batch_size, cfg.overlap,
+            return predict_volume(apply_fn, state.params, image, cfg.model.crop_size, cfg.eval.sw_batch_size,
+                                  cfg.eval.overlap,
                                   multilabel)
 
         d, rgb = mean_foreground_dice(predict, cache, split["val"], figure=is_primary())
@@ -172,10 +170,10 @@ def run_finetuning(cfg: Config, workdir: str | Path, init: str | Path | None = N
     ds = finetune_dataset(cache, ids, dcfg, seed=cfg.seed)
     state, summary = run_loop(
         name="finetune", workdir=workdir, state=state, step_fn=make_finetune_step(model, tx, multilabel),
-        data_iter=make_iterator(ds, cfg.data_threads), num_steps=cfg.finetune_steps,
+        data_iter=make_iterator(ds, cfg.data.threads), num_steps=cfg.finetune.steps,
         prepare_batch=functools.partial(shard_batch, mesh=mesh),
-        crops_per_step=cfg.finetune_volumes_per_step * cfg.finetune_crops_per_volume,
-        ckpt_every=cfg.ckpt_every, evaluate=evaluate if split["val"] else None, eval_every=cfg.eval_every,
+        crops_per_step=cfg.finetune.volumes_per_step * cfg.finetune.crops_per_volume,
+        ckpt_every=cfg.ckpt_every, evaluate=evaluate if split["val"] else None, eval_every=cfg.finetune.eval_every,
         progress=progress, learning_rate=cfg.lr)
     summary.update(best=best, label_cases=ids)
     if is_primary():
@@ -196,6 +194,7 @@ def run_evaluation(cfg: Config, workdir: str | Path, params_path: str | Path, ou
     apply_fn = jax.jit(model.apply)
 
     def predict(image):
-        return predict_volume(apply_fn, params, image, cfg.crop_size, cfg.sw_batch_size, cfg.overlap, multilabel)
+        return predict_volume(apply_fn, params, image, cfg.model.crop_size, cfg.eval.sw_batch_size, cfg.eval.overlap,
+                              multilabel)
 
     return evaluate_cases(predict, cache, split[split_name], out, progress=progress, write=is_primary())

@@ -36,7 +36,7 @@ def _setup(cache, cfg, stage):
     params = init_params(model, cfg)
     state, tx = pretrain_state(model, params, cfg, stage)
     step = make_pretrain_step(model, tx, cfg, stage, multilabel=False)
-    ds = pretrain_dataset(cache, cache.training, PretrainDataConfig(crop_size=cfg.crop_size), seed=0)
+    ds = pretrain_dataset(cache, cache.training, PretrainDataConfig(crop_size=cfg.model.crop_size), seed=0)
     return model, state, step, ds
 
 
@@ -78,7 +78,7 @@ def test_sequential_step_is_one_graph_with_the_unrolled_numbers(cache, stage="en
     tx = optax.sgd(0.5)  # plain SGD: parameters compare tightly (Adam amplifies rounding of ~0 gradients)
     state = create_state(init_params(model, CFG), tx)
     step = make_pretrain_step(model, tx, CFG, stage, multilabel=False)
-    ds = pretrain_dataset(cache, cache.training, PretrainDataConfig(crop_size=CFG.crop_size), seed=0)
+    ds = pretrain_dataset(cache, cache.training, PretrainDataConfig(crop_size=CFG.model.crop_size), seed=0)
     batches = [{k: jnp.asarray(v) for k, v in ds[i].items()} for i in range(2)]
 
     @jax.jit
@@ -86,7 +86,7 @@ def test_sequential_step_is_one_graph_with_the_unrolled_numbers(cache, stage="en
         losses = []
         for a in range(3):
             def loss_fn(p):
-                f = stage_features(model, p, batch["image"], stage, CFG.stage2_output, False)
+                f = stage_features(model, p, batch["image"], stage, CFG.pretrain.stage2_output, False)
                 return axis_loss(f, a, batch["offset_u"][a], None, CFG)
 
             loss, grads = jax.value_and_grad(loss_fn)(params)

@@ -28,16 +28,16 @@ def stage_features(model: UNETR, params, images, stage: str, output: str, multil
 
 
 def axis_loss(feats, axis: int, offset_u, key, cfg: Config):
-    """Objective ``cfg.objective`` over the P partition slices of ``feats`` along ``axis``;
+    """Objective ``cfg.pretrain.objective`` over the P partition slices of ``feats`` along ``axis``;
     ``offset_u`` (P,) uniforms in [0, 1) become offsets within partitions of this map's size;
     ``key`` draws the triplets of a sampled objective."""
-    size = L.partition_size(feats.shape[1 + axis], cfg.num_partitions)
+    size = L.partition_size(feats.shape[1 + axis], cfg.pretrain.num_partitions)
     offsets = jnp.minimum((offset_u * size).astype(jnp.int32), size - 1)
     slices = L.partition_slices(feats, axis, offsets)
     triplets = None
-    if cfg.objective in L.SAMPLED_OBJECTIVES:
-        triplets = L.sample_triplets(key, slices.shape[0], cfg.num_partitions, cfg.sampled_triplets)
-    return L.get_objective(cfg.objective)(slices, cfg.temperature, triplets=triplets)
+    if cfg.pretrain.objective in L.SAMPLED_OBJECTIVES:
+        triplets = L.sample_triplets(key, slices.shape[0], cfg.pretrain.num_partitions, cfg.pretrain.sampled_triplets)
+    return L.get_objective(cfg.pretrain.objective)(slices, cfg.pretrain.temperature, triplets=triplets)
 
 
 def traced_axis_loss(feats, axis, offset_u, key, cfg: Config):
@@ -83,13 +83,13 @@ def make_pretrain_step(model: UNETR, tx, cfg: Config, stage: str, multilabel: bo
     """The pre-training step for ``stage`` ('encoder': enc4 features, 'decoder': decoder
     outputs). Batches carry ``image``, ``offset_u`` (3, P) and ``seed`` (see
     ``jaxseg.data.pretrain_dataset``)."""
-    L.get_objective(cfg.objective)  # an unknown name fails here, before any compile
-    if cfg.axis_mode not in ("sequential", "joint"):
-        raise ValueError(f"axis_mode must be 'sequential' or 'joint', got {cfg.axis_mode!r}")
+    L.get_objective(cfg.pretrain.objective)  # an unknown name fails here, before any compile
+    if cfg.pretrain.axis_mode not in ("sequential", "joint"):
+        raise ValueError(f"axis_mode must be 'sequential' or 'joint', got {cfg.pretrain.axis_mode!r}")
     stage = pretraining_stage(stage)
 
     def features(params, batch):
-        return stage_features(model, params, batch["image"], stage, cfg.stage2_output, multilabel)
+        return stage_features(model, params, batch["image"], stage, cfg.pretrain.stage2_output, multilabel)
 
     def one_axis(params, batch, axis):
         return traced_axis_loss(features(params, batch), axis, batch["offset_u"][axis], _axis_key(batch, axis), cfg)
@@ -98,13 +98,13 @@ def make_pretrain_step(model: UNETR, tx, cfg: Config, stage: str, multilabel: bo
         f = features(params, batch)
         return sum(axis_loss(f, a, batch["offset_u"][a], _axis_key(batch, a), cfg) for a in range(3)) / 3
 
-    if cfg.axis_mode == "sequential":
+    if cfg.pretrain.axis_mode == "sequential":
         return PretrainStep(make_train_step(one_axis, tx, count_step=False), sequential=True)
     return PretrainStep(make_train_step(all_axes, tx), sequential=False)
 
 
 def pretrain_state(model: UNETR, params, cfg: Config, stage: str) -> tuple[TrainState, Any]:
     """Train state and optimizer of ``stage``: AdamW on what the stage trains, the rest frozen."""
-    labels = param_labels(params, trainable_in_stage(stage, model.num_layers, cfg.stage2_freeze_encoder))
+    labels = param_labels(params, trainable_in_stage(stage, model.num_layers, cfg.pretrain.stage2_freeze_encoder))
     tx = make_optimizer(cfg.lr, cfg.weight_decay, labels)
     return create_state(params, tx), tx

@@ -1,0 +1,42 @@
+"""The nested config: groups, flat names (flags, settings.json, replace), derived data configs."""
+
+import dataclasses
+
+import pytest
+
+from jaxseg.config import FLAT_NAMES, GROUPS, PRESETS, Config, get_config, job_settings
+from jaxseg.errors import UserError
+
+
+def test_every_group_field_has_one_flat_name_and_round_trips():
+    leaves = [(g, f.name) for g, cls in GROUPS.items() for f in dataclasses.fields(cls)]
+    assert sorted(v for v in FLAT_NAMES.values() if len(v) == 2) == sorted(leaves)  # each leaf once
+    cfg = get_config("small")
+    flat = cfg.flat()
+    assert Config.from_flat(**flat) == cfg
+    for name, path in FLAT_NAMES.items():
+        node = cfg
+        for part in path:
+            node = getattr(node, part)
+        assert node == flat[name]
+
+
+def test_replace_by_flat_name_touches_one_group():
+    cfg = get_config("tiny")
+    new = cfg.replace(objective="contrastive", finetune_steps=7, data_seed=3, lr=0.5)
+    assert (new.pretrain.objective, new.finetune.steps, new.data.seed, new.lr) == ("contrastive", 7, 3, 0.5)
+    assert new.model is cfg.model and new.eval is cfg.eval  # untouched groups are shared
+    with pytest.raises(UserError, match=r"unknown setting\(s\) \['steps'\]"):
+        cfg.replace(steps=3)
+    with pytest.raises(UserError, match="crop_size must be a multiple of 16"):
+        cfg.replace(crop_size=40)
+
+
+def test_data_configs_are_derived_and_settings_keep_flat_names():
+    cfg = PRESETS["small"]
+    pre, ft, prep = cfg.pretrain_data(), cfg.finetune_data(), cfg.prepare()
+    assert (pre.crop_size, pre.volumes_per_step, pre.crops_per_volume, pre.num_partitions) == (32, 2, 1, 4)
+    assert (ft.crop_size, ft.volumes_per_step, ft.crops_per_volume) == (32, 1, 2)
+    assert prep.target_spacing == (3.0, 3.0, 3.0)
+    s = job_settings(cfg, "finetune")
+    assert s["finetune_steps"] == 150 and s["model"] == "small" and "objective" not in s  # as before nesting
