@@ -15,8 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from benchmarks.timing import (Results, efficiency, jax_peak_mib, monai_unetr, setup, summarize, time_call,
-                               torch_device, torch_mode, torch_modes, torch_sync)
+from benchmarks.timing import (Results, efficiency, jax_peak_mib, monai_unetr, paired_ratio, run_variants, setup,
+                               summarize, torch_device, torch_modes, torch_sync)
 from jaxseg.inference import sliding_window_inference, window_starts
 from jaxseg.models import from_monai, init_params, unetr_from_preset
 from jaxseg.models.flops import unetr_cost
@@ -67,32 +67,25 @@ def run_case(spec: str, results: Results) -> None:
 
     variants = {f"jaxseg {FLAGS.dtype}": dict(fn=ours, sync=jax.block_until_ready, mode=None, dtype=FLAGS.dtype),
                 **variants}
-    for v in variants.values():
-        with torch_mode(*v["mode"]) if v["mode"] else _null():
-            v["first_call_s"] = time_call(v["fn"], v["sync"])
-            v["out"] = np.asarray(v["sync"](v["fn"]()).float().cpu().numpy() if v["mode"] else v["fn"]())
-        v["times"] = []
-    for _ in range(FLAGS.repeats):
-        for v in variants.values():
-            with torch_mode(*v["mode"]) if v["mode"] else _null():
-                v["times"].append(time_call(v["fn"], v["sync"]))
+    run_variants(variants, FLAGS.repeats, warmup=0)  # each first call's output is kept for the comparison
     n_win = len(window_starts((d, h, w), (FLAGS.roi,) * 3, FLAGS.overlap))
     padded = -(-n_win // FLAGS.sw_batch_size) * FLAGS.sw_batch_size
     cost = unetr_cost(model, padded, "forward")
     jx = variants.pop(f"jaxseg {FLAGS.dtype}")
+    jx_out = np.asarray(jx["out"])
     row = {"case": name, "shape": [d, h, w, cin], "out_channels": cout, "windows": n_win, "dtype": FLAGS.dtype,
            "first_call_s": jx["first_call_s"], **summarize(jx["times"]),
            **efficiency(cost.flops, cost.bytes, float(np.median(jx["times"]))), "peak_mib": jax_peak_mib()}
     if variants:
         row["monai"] = {}
         for vname, v in variants.items():
-            ref = np.moveaxis(v["out"], 1, -1)
+            ref = np.moveaxis(v["out"].float().cpu().numpy(), 1, -1)
             row["monai"][vname] = {**summarize(v["times"]), "first_call_s": v["first_call_s"],
-                                   "max_rel_diff": float(np.abs(jx["out"] - ref).max() / np.abs(ref).max())}
+                                   "max_rel_diff": float(np.abs(jx_out - ref).max() / np.abs(ref).max())}
         same = [(n, v) for n, v in variants.items() if v["dtype"] == FLAGS.dtype]
         if same:
             best = min(same, key=lambda nv: np.median(nv[1]["times"]))
-            row["ratio_jaxseg_over_monai"] = float(np.median([a / b for a, b in zip(jx["times"], best[1]["times"])]))
+            row["ratio_jaxseg_over_monai"] = paired_ratio(jx["times"], best[1]["times"])
             row["ratio_against"] = best[0]
     results.add(row)
     msg = f"{name} {d}x{h}x{w}x{cin} ({n_win} windows): jaxseg {row['median_s'] * 1e3:.1f} ms (first call {jx['first_call_s']:.1f} s)"
@@ -101,12 +94,6 @@ def run_case(spec: str, results: Results) -> None:
     if "ratio_jaxseg_over_monai" in row:
         msg += f" | ratio {row['ratio_jaxseg_over_monai']:.2f}"
     print(msg, flush=True)
-
-
-def _null():
-    import contextlib
-
-    return contextlib.nullcontext()
 
 
 def main(argv):

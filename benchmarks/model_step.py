@@ -18,8 +18,8 @@ import numpy as np
 import optax
 from absl import app, flags
 
-from benchmarks.timing import (Results, efficiency, jax_peak_mib, monai_unetr, setup, summarize, time_call,
-                               torch_device, torch_mode, torch_modes, torch_peak_mib, torch_sync)
+from benchmarks.timing import (Results, efficiency, jax_peak_mib, monai_unetr, paired_ratio, run_variants, setup,
+                               summarize, time_call, torch_device, torch_modes, torch_peak_mib, torch_sync)
 from jaxseg.models import UNETR, count_params, init_params, unetr_from_preset
 from jaxseg.models.flops import unetr_cost
 
@@ -92,36 +92,23 @@ def monai_fns(model: UNETR, x, y):
 
 
 def _variants(model_for, x, y):
-    """name -> (callable per kind, sync, context factory, dtype, framework, cudnn_benchmark)."""
-    import contextlib
-
+    """name -> (callable per kind, sync, torch mode, dtype, framework, cudnn_benchmark)."""
     out = {}
     for dt in FLAGS.dtypes:
         fns, n = jaxseg_fns(model_for(dt), x, y)
-        out[f"jaxseg {dt}"] = dict(fns=fns, sync=jax.block_until_ready, ctx=contextlib.nullcontext, dtype=dt,
+        out[f"jaxseg {dt}"] = dict(fns=fns, sync=jax.block_until_ready, mode=None, dtype=dt,
                                    framework="jaxseg", params=n, mem=jax_peak_mib)
     if FLAGS.against == "monai":
         fns, n = monai_fns(model_for("float32"), x, y)
         for dt, bench in torch_modes(FLAGS.torch_dtypes):
             out[f"monai {dt} cudnn.benchmark={'on' if bench else 'off'}"] = dict(
-                fns=fns, sync=torch_sync, ctx=lambda dt=dt, bench=bench: torch_mode(dt, bench), dtype=dt,
+                fns=fns, sync=torch_sync, mode=(dt, bench), dtype=dt,
                 framework="monai", cudnn_benchmark=bench, params=n, mem=torch_peak_mib)
     return out
 
 
 def time_kind(kind: str, variants: dict, cost, results: Results) -> None:
-    for name, v in variants.items():  # first call (jaxseg: compilation), then warm-up
-        if v["framework"] == "monai":
-            torch_peak_mib(reset=True)
-        with v["ctx"]():
-            v["first_call_s"] = time_call(v["fns"][kind], v["sync"])
-            for _ in range(FLAGS.warmup):
-                time_call(v["fns"][kind], v["sync"])
-        v["times"] = []
-    for _ in range(FLAGS.steps):  # rounds: every variant once
-        for v in variants.values():
-            with v["ctx"]():
-                v["times"].append(time_call(v["fns"][kind], v["sync"]))
+    run_variants(variants, FLAGS.steps, FLAGS.warmup, call=lambda v: v["fns"][kind])
     for name, v in variants.items():
         med = float(np.median(v["times"]))
         c = cost(v["dtype"])
@@ -136,7 +123,7 @@ def time_kind(kind: str, variants: dict, cost, results: Results) -> None:
         refs = [v for v in variants.values() if v["framework"] == "monai" and v["dtype"] == dt]
         if ours and refs:
             ref = min(refs, key=lambda v: np.median(v["times"]))
-            ratio = float(np.median([a / b for a, b in zip(ours["times"], ref["times"])]))
+            ratio = paired_ratio(ours["times"], ref["times"])
             results.add({"kind": kind, "ratio": f"jaxseg {dt} / monai {dt}", "median": ratio,
                          "cudnn_benchmark": ref.get("cudnn_benchmark")})
             print(f"{kind:>10} ratio jaxseg/MONAI ({dt}): {ratio:.3f}", flush=True)

@@ -24,8 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from benchmarks.timing import (Results, efficiency, jax_peak_mib, machine, monai_unetr, setup, summarize, time_call,
-                               torch_device, torch_mode, torch_modes, torch_peak_mib, torch_sync, write_json)
+from benchmarks.timing import (Results, efficiency, jax_peak_mib, machine, monai_unetr, paired_ratio, run_variants,
+                               setup, summarize, time_call, torch_device, torch_modes, torch_sync, write_json)
 from jaxseg.config import PRESETS, get_config
 from jaxseg.data import Cache, PretrainDataConfig, load_dataset_json, make_iterator, prepare, pretrain_dataset, \
     write_phantom_dataset
@@ -107,30 +107,13 @@ def torch_step_fn(model, objective, stage, impl, s, entries=None):
 
 def throughput_row(cfg, cache, objective, stage, source, s, results):
     run, compile_s, model = jax_step(cfg, cache, objective, stage, source, s)
-    variants = {"jaxseg": dict(fn=run, sync=jax.block_until_ready, ctx=None, times=[])}
+    variants = {"jaxseg": dict(fn=run, sync=jax.block_until_ready, mode=None)}  # compiled already (AOT)
     if FLAGS.against == "monai" and source == "device" and objective in ("comparative", "contrastive"):
         fn = torch_step_fn(model, objective, stage, "vectorised", s)
         for dt, bench in torch_modes(FLAGS.torch_dtypes):
             variants[f"torch {dt} cudnn.benchmark={'on' if bench else 'off'}"] = dict(
-                fn=fn, sync=torch_sync, ctx=(dt, bench), dtype=dt, times=[])
-    for v in variants.values():
-        if v["ctx"]:
-            torch_peak_mib(reset=True)
-            with torch_mode(*v["ctx"]):
-                v["first_call_s"] = time_call(v["fn"], v["sync"])
-                for _ in range(FLAGS.warmup):
-                    v["fn"]()
-                v["peak_mib"] = torch_peak_mib()
-        else:
-            for _ in range(FLAGS.warmup):
-                time_call(v["fn"], v["sync"])
-    for _ in range(FLAGS.steps):
-        for v in variants.values():
-            if v["ctx"]:
-                with torch_mode(*v["ctx"]):
-                    v["times"].append(time_call(v["fn"], v["sync"]))
-            else:
-                v["times"].append(time_call(v["fn"], v["sync"]))
+                fn=fn, sync=torch_sync, mode=(dt, bench), dtype=dt)
+    run_variants(variants, FLAGS.steps, FLAGS.warmup)
     jt = variants.pop("jaxseg")["times"]
     cost = pretrain_step_cost(model, 4, stage)
     row = {"objective": objective, "stage": stage, "source": source, "dtype": FLAGS.dtype, "compile_s": compile_s,
@@ -144,7 +127,7 @@ def throughput_row(cfg, cache, objective, stage, source, s, results):
             same = [v for v in variants.values() if v["dtype"] == dt]
             if same:
                 ref = min(same, key=lambda v: np.median(v["times"]))
-                row[f"ratio_jaxseg_over_torch_{dt}"] = float(np.median([a / b for a, b in zip(jt, ref["times"])]))
+                row[f"ratio_jaxseg_over_torch_{dt}"] = paired_ratio(jt, ref["times"])
     results.add(row)
     msg = (f"{stage:5s} {objective:20s} {source:8s} jaxseg {row['median_s'] * 1e3:.1f} ms "
            f"({row['crops_per_s']:.2f} crops/s, compile {compile_s:.1f} s, {row['tflops_per_s']:.2f} TFLOP/s"

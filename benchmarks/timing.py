@@ -33,6 +33,42 @@ def time_call(fn: Callable[[], Any], sync: Callable[[Any], Any] = block) -> floa
     return time.perf_counter() - t0
 
 
+def run_variants(variants: dict[str, dict], rounds: int, warmup: int,
+                 call: Callable[[dict], Callable[[], Any]] = lambda v: v["fn"]) -> None:
+    """Time every variant the same way: its first call (jaxseg: compilation) and ``warmup``
+    calls, then ``rounds`` rounds of one call of each variant in turn (so drift hits all alike),
+    each under its ``mode``: ``(dtype, cudnn_benchmark)`` for torch (``torch_mode``), None for
+    jaxseg. A variant is a dict with ``sync`` and what ``call`` turns into the timed function;
+    this adds ``first_call_s``, ``out`` (the first call's synced output), ``times`` and, for
+    torch, ``peak_mib``."""
+    for v in variants.values():
+        fn = call(v)
+        with _mode(v):
+            if v.get("mode"):
+                torch_peak_mib(reset=True)
+            t0 = time.perf_counter()
+            v["out"] = v["sync"](fn())
+            v["first_call_s"] = time.perf_counter() - t0
+            for _ in range(warmup):
+                time_call(fn, v["sync"])
+            if v.get("mode"):
+                v["peak_mib"] = torch_peak_mib()
+        v["times"] = []
+    for _ in range(rounds):
+        for v in variants.values():
+            with _mode(v):
+                v["times"].append(time_call(call(v), v["sync"]))
+
+
+def _mode(v: dict):
+    return torch_mode(*v["mode"]) if v.get("mode") else contextlib.nullcontext()
+
+
+def paired_ratio(times: list[float], reference: list[float]) -> float:
+    """Median of the per-round ratios of two variants timed in the same rounds."""
+    return float(statistics.median(a / b for a, b in zip(times, reference)))
+
+
 def summarize(times: list[float]) -> dict[str, float]:
     q = statistics.quantiles(times, n=4) if len(times) >= 2 else [times[0]] * 3
     return {"median_s": statistics.median(times), "p25_s": q[0], "p75_s": q[2],

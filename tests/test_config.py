@@ -40,3 +40,12 @@ def test_data_configs_are_derived_and_settings_keep_flat_names():
     assert prep.target_spacing == (3.0, 3.0, 3.0)
     s = job_settings(cfg, "finetune")
     assert s["finetune_steps"] == 150 and s["model"] == "small" and "objective" not in s  # as before nesting
+
+
+def test_gpu_preset_is_the_paper_protocol_at_its_shapes():
+    gpu, small = PRESETS["gpu"], PRESETS["small"]
+    assert (gpu.model.size, gpu.model.crop_size, gpu.model.dtype) == ("paper", 96, "bfloat16")
+    assert (gpu.pretrain.axis_mode, gpu.pretrain.volumes_per_step, gpu.pretrain.crops_per_volume) == ("sequential", 2, 2)
+    assert (gpu.lr, gpu.pretrain.temperature, gpu.pretrain.num_partitions) == (1e-4, 1.0, 4)  # the paper's
+    # the crop holds the whole phantom at 1 mm, as small's 32^3 crop does at 3 mm
+    assert gpu.model.crop_size * gpu.data.target_spacing == small.model.crop_size * small.data.target_spacing
