@@ -17,7 +17,7 @@ from jaxseg.errors import UserError
 from jaxseg.losses.objectives import OBJECTIVE_NAMES
 
 CHOICES = {
-    "model": ("tiny", "small", "paper"),  # UNETR sizes (jaxseg.models.unetr.PRESETS)
+    "model": ("tiny", "small", "paper"),  # UNETR sizes (jaxseg.models.SIZES)
     "dtype": ("float32", "bfloat16"),
     "phantom": ("spleen", "braintumour"),
     "objective": OBJECTIVE_NAMES,  # resolved in one place: jaxseg.losses.get_objective
