@@ -15,6 +15,9 @@ def main(argv):
                                  overwrite=FLAGS.overwrite)
     print(f"pre-training ({summary['objective']}): {summary['steps']} steps, {summary['train_s']:.1f} s training "
           f"(compilation apart: {summary['compile_s']:.1f} s)")
+    probe = summary["probe"]
+    print("probe, partition of anatomy from enc4 features (chance {:.2f}): ".format(probe["random_init"]["chance"])
+          + " -> ".join(f"{k} {v['anatomy_accuracy']:.2f}" for k, v in probe.items()))
 
 
 if __name__ == "__main__":

@@ -61,6 +61,7 @@ def test_pretrain_finetune_evaluate_entry_points(tmp_path):
     common = ["--config=tiny", f"--workdir={wd}", "--noprogress", "--phantom_subjects=6"]
     out = run_module("experiments.pretrain", *common, "--objective=contrastive", "--stage1_steps=2", "--stage2_steps=2")
     assert "pre-training (contrastive): 4 steps" in out
+    assert "probe, partition of anatomy from enc4 features (chance 0.25): random_init " in out and "-> decoder " in out
     assert (wd / "pretrain" / "params.msgpack").is_file() and (wd / "pretrain" / "pretrain_loss.png").is_file()
     recs = [json.loads(l) for l in (wd / "pretrain" / "encoder" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in recs] == [1, 2] and all("crops_per_s" in r and "data_wait_s" in r for r in recs)
