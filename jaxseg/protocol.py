@@ -92,7 +92,7 @@ def summary_rows(runs: list[dict]) -> list[dict]:
         for cls in classes:
             row["metrics"][cls] = {}
             for metric in TABLE_METRICS:
-                per_seed = [_mean(_case_values(r, cls, metric).values()) for r in mine]
+                per_seed = [mean_sd(list(_case_values(r, cls, metric).values()))[0] for r in mine]
                 row["metrics"][cls][metric] = mean_sd(per_seed)
             if init != "none":
                 diffs = []
@@ -103,11 +103,6 @@ def summary_rows(runs: list[dict]) -> list[dict]:
                 row["paired_dice"][cls] = dict(zip(("mean", "low", "high"), bootstrap_ci(diffs)), n=len(diffs))
         rows.append(row)
     return rows
-
-
-def _mean(values) -> float:
-    v = [x for x in values if not math.isnan(x)]
-    return sum(v) / len(v) if v else math.nan
 
 
 def probe_rows(pre: dict) -> list[dict]:
