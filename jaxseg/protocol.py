@@ -37,7 +37,7 @@ def run_table1(cfg: Config, workdir: str | Path, objectives=("contrastive", "com
     if bad or any(b < 0 for b in budgets) or seeds < 1:
         raise UserError(f"objectives must be among {CHOICES['objective']}, budgets >= 0 and seeds >= 1, got "
                         f"{list(objectives)}, {list(budgets)} and {seeds}")
-    ensure_data(cfg, root, progress)
+    data = ensure_data(cfg, root, progress)  # validated and split once; every run below reuses it
     seed_list = [cfg.seed + k for k in range(seeds)]
     pre: dict[tuple[int, str], dict] = {}
 
@@ -45,7 +45,7 @@ def run_table1(cfg: Config, workdir: str | Path, objectives=("contrastive", "com
         if (seed, obj) not in pre:
             _, pre[seed, obj] = run_pretraining(cfg.replace(seed=seed, objective=obj), root,
                                                 out_name=f"seed{seed}/pretrain_{obj}", progress=progress,
-                                                overwrite=overwrite)
+                                                overwrite=overwrite, data=data)
         return pre[seed, obj]
 
     runs = []
@@ -57,9 +57,9 @@ def run_table1(cfg: Config, workdir: str | Path, objectives=("contrastive", "com
                 params_path = None if p is None else root / f"seed{seed}/pretrain_{init}/params.msgpack"
                 scfg = cfg.replace(seed=seed, label_budget=budget)
                 _, ft = run_finetuning(scfg, root, init=params_path, out_name=name, progress=progress,
-                                       overwrite=overwrite)
+                                       overwrite=overwrite, data=data)
                 ev = run_evaluation(scfg, root, root / name / "best.msgpack", out_name=f"{name}/test",
-                                    progress=progress, overwrite=overwrite)
+                                    progress=progress, overwrite=overwrite, data=data)
                 runs.append({"seed": seed, "init": init, "budget": budget or "all", "labels": len(ft["label_cases"]),
                              "pretrain_s": p["train_s"] if p else 0.0, "pretrain_steps": p["steps"] if p else 0,
                              "best_val_dice": ft["best"]["val_dice"], "cases": ev["per_case"]})

@@ -33,7 +33,10 @@ from jaxseg.train.sharding import data_mesh, replicate, shard_batch
 from jaxseg.train.state import create_state, make_optimizer
 
 
-def ensure_data(cfg: Config, workdir: Path, progress: bool = True) -> tuple[Cache, dict[str, list[str]]]:
+Data = tuple[Cache, dict[str, list[str]]]  # the cache and its train / val / test split
+
+
+def ensure_data(cfg: Config, workdir: Path, progress: bool = True) -> Data:
     """The cache for ``cfg`` (a phantom dataset when ``cfg.data.dir`` is empty) and its seeded
     train / val / test split."""
     workdir = Path(workdir)
@@ -69,11 +72,12 @@ def init_params(model: UNETR, cfg: Config) -> Any:
 
 
 def _job_setup(cfg: Config, workdir, out_name: str, progress: bool, job: str, overwrite: bool = False,
-               extra: dict | None = None, **inputs: str | Path | None):
-    """(root, cache, split, output dir, model, freshly initialised params) for one job. The
-    output dir records the settings (and input files, by digest) that its results depend on."""
+               extra: dict | None = None, data: Data | None = None, **inputs: str | Path | None):
+    """(root, cache, split, output dir, model, freshly initialised params) for one job; ``data``
+    is ``ensure_data``'s result when the caller has it already. The output dir records the
+    settings (and input files, by digest) that its results depend on."""
     root = check_workdir(workdir)
-    cache, split = ensure_data(cfg, root, progress)
+    cache, split = data if data is not None else ensure_data(cfg, root, progress)
     if job == "finetune" and cfg.finetune.label_budget > len(split["train"]):
         raise UserError(f"label_budget {cfg.finetune.label_budget} exceeds the {len(split['train'])} labelled training "
                         f"cases; use 1..{len(split['train'])} (0: all)")
@@ -88,13 +92,14 @@ def _job_setup(cfg: Config, workdir, out_name: str, progress: bool, job: str, ov
 
 
 def run_pretraining(cfg: Config, workdir: str | Path, out_name: str = "pretrain",
-                    progress: bool = True, overwrite: bool = False) -> tuple[Any, dict]:
+                    progress: bool = True, overwrite: bool = False, data: Data | None = None) -> tuple[Any, dict]:
     """Stage 1 'encoder' (enc4 features) then stage 2 'decoder' (decoder outputs), each until convergence or its step
     limit, resuming if a run was interrupted. Data and cache live in ``workdir``; outputs in
     ``workdir/out_name``: ``params.msgpack``, per-stage metrics and summaries,
     ``pretrain_loss.png``, and in the summary a linear probe of the enc4 features at random
     init and after each stage (``jaxseg.probe``). Returns (params, summary)."""
-    _, cache, split, workdir, model, params = _job_setup(cfg, workdir, out_name, progress, "pretrain", overwrite)
+    _, cache, split, workdir, model, params = _job_setup(cfg, workdir, out_name, progress, "pretrain", overwrite,
+                                                         data=data)
     mesh = data_mesh()
     multilabel = cache.regions is not None
     dcfg, p = cfg.pretrain_data(), cfg.pretrain
@@ -133,13 +138,14 @@ def run_pretraining(cfg: Config, workdir: str | Path, out_name: str = "pretrain"
 
 
 def run_finetuning(cfg: Config, workdir: str | Path, init: str | Path | None = None,
-                   out_name: str = "finetune", progress: bool = True, overwrite: bool = False) -> tuple[Any, dict]:
+                   out_name: str = "finetune", progress: bool = True, overwrite: bool = False,
+                   data: Data | None = None) -> tuple[Any, dict]:
     """Dice+CE fine-tuning from random init or ``init`` (a params.msgpack), on the first
     ``cfg.finetune.label_budget`` labelled training cases (all when 0); validation Dice every
     ``cfg.finetune.eval_every`` steps keeps the best parameters in ``best.msgpack`` (never the test
     set). Data in ``workdir``, outputs in ``workdir/out_name``. Returns (best params, summary)."""
     _, cache, split, workdir, model, params = _job_setup(cfg, workdir, out_name, progress, "finetune", overwrite,
-                                                         init=init or None)
+                                                         data=data, init=init or None)
     mesh = data_mesh()
     if init:
         params = load_params(init, params)
@@ -185,10 +191,11 @@ def run_finetuning(cfg: Config, workdir: str | Path, init: str | Path | None = N
 
 
 def run_evaluation(cfg: Config, workdir: str | Path, params_path: str | Path, out_name: str = "eval",
-                   split_name: str = "test", progress: bool = True, overwrite: bool = False) -> dict:
+                   split_name: str = "test", progress: bool = True, overwrite: bool = False,
+                   data: Data | None = None) -> dict:
     """Evaluate ``params_path`` on the held-out ``split_name`` cases of ``workdir``'s data."""
     _, cache, split, out, model, params = _job_setup(cfg, workdir, out_name, progress, "evaluate", overwrite,
-                                                     extra={"split": split_name}, params=params_path)
+                                                     extra={"split": split_name}, data=data, params=params_path)
     params = load_params(params_path, params)
     multilabel = cache.regions is not None
     apply_fn = jax.jit(model.apply)
