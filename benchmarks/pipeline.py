@@ -3,7 +3,10 @@
     python -m benchmarks.pipeline --json_out=benchmarks/results_pipeline_cpu.json
 
 Builds a phantom dataset and its cache in --workdir, then pulls --steps batches through each
-pipeline (after --warmup) for several thread counts. Reported: crops/s (median over 3 repeats).
+pipeline (after --warmup) for several thread counts and, for a run of M processes (--hosts),
+what one host makes: its 1/M of the rows of every global batch (the pipelines shard by process).
+Reported: one host's seconds per global step and crops/s (median over 3 repeats); a host's work
+per step should fall as 1/M.
 """
 
 from __future__ import annotations
@@ -26,11 +29,12 @@ flags.DEFINE_integer("crop_size", 96, "crop size")
 flags.DEFINE_integer("steps", 20, "timed batches per repeat")
 flags.DEFINE_integer("warmup", 3, "untimed batches")
 flags.DEFINE_list("threads", ["1", "2", "4"], "grain read threads to try")
+flags.DEFINE_list("hosts", ["1", "2", "4"], "processes M of a run: time host 0's share of each global batch")
 flags.DEFINE_string("json_out", None, "write results here")
 
 
-def crops_per_second(make_ds, threads: int, crops_per_step: int) -> float:
-    rates = []
+def seconds_per_step(make_ds, threads: int) -> float:
+    times = []
     for _ in range(3):
         it = make_iterator(make_ds(), num_threads=threads, prefetch=2 * threads)
         for _ in range(FLAGS.warmup):
@@ -38,8 +42,8 @@ def crops_per_second(make_ds, threads: int, crops_per_step: int) -> float:
         t0 = time.perf_counter()
         for _ in range(FLAGS.steps):
             next(it)
-        rates.append(FLAGS.steps * crops_per_step / (time.perf_counter() - t0))
-    return statistics.median(rates)
+        times.append((time.perf_counter() - t0) / FLAGS.steps)
+    return statistics.median(times)
 
 
 def main(argv):
@@ -52,15 +56,19 @@ def main(argv):
     fin = FinetuneDataConfig(crop_size=FLAGS.crop_size)
     rows = []
     for threads in map(int, FLAGS.threads):
-        for name, make, per_step in (
-            ("pretrain", lambda: pretrain_dataset(cache, cache.training, pre, seed=0),
-             pre.volumes_per_step * pre.crops_per_volume),
-            ("finetune", lambda: finetune_dataset(cache, cache.training, fin, seed=0),
-             fin.volumes_per_step * fin.crops_per_volume),
-        ):
-            rate = crops_per_second(make, threads, per_step)
-            rows.append({"pipeline": name, "threads": threads, "crops_per_s": rate})
-            print(f"{name:9s} threads={threads}: {rate:8.1f} crops/s ({FLAGS.crop_size}^3)", flush=True)
+        for hosts in map(int, FLAGS.hosts):
+            shard = (0, hosts)
+            for name, make, per_step in (
+                ("pretrain", lambda: pretrain_dataset(cache, cache.training, pre, seed=0, shard=shard),
+                 pre.volumes_per_step * pre.crops_per_volume),
+                ("finetune", lambda: finetune_dataset(cache, cache.training, fin, seed=0, shard=shard),
+                 fin.volumes_per_step * fin.crops_per_volume),
+            ):
+                sec = seconds_per_step(make, threads)
+                rows.append({"pipeline": name, "threads": threads, "hosts": hosts, "host_s_per_step": sec,
+                             "crops_per_s": per_step / hosts / sec})
+                print(f"{name:9s} threads={threads} hosts={hosts}: one host {sec * 1e3:7.1f} ms per global step, "
+                      f"{per_step / hosts / sec:8.1f} crops/s ({FLAGS.crop_size}^3)", flush=True)
     write_json(FLAGS.json_out, {"machine": machine(), "crop_size": FLAGS.crop_size, "rows": rows})
 
 

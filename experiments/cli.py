@@ -1,26 +1,47 @@
 """How an entry point runs: a user error (bad flags, data or work dir) prints one clear message
-and exits with status 2, without a traceback unless --verbose."""
+and exits with status 2, without a traceback unless --verbose; a multi-process run that cannot go
+on (a peer gone, a barrier timed out) exits with 3, naming the process; SIGTERM checkpoints and
+exits with 143."""
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Callable
 
 from absl import app, flags
 
+from jaxseg import distributed
 from jaxseg.errors import UserError
 
 flags.DEFINE_bool("verbose", False, "show the full traceback of a user error")
+
+
+def _fail(message: str, code: int) -> None:
+    print(message, file=sys.stderr, flush=True)
+    if distributed.multi_process():
+        # The others would wait for this process at their next barrier: tell them, and skip
+        # jax.distributed's shutdown, which waits for every process.
+        distributed.announce_failure(message)
+        sys.stdout.flush()
+        os._exit(code)
+    sys.exit(code)
 
 
 def run(main: Callable) -> None:
     def wrapped(argv):
         try:
             return main(argv)
-        except UserError as e:
+        except distributed.Preempted as e:
+            print(f"preempted: {e}", file=sys.stderr, flush=True)
+            sys.exit(distributed.PREEMPTED_EXIT_CODE)
+        except (UserError, distributed.DistributedError) as e:
             if flags.FLAGS.verbose:
                 raise
-            print(f"error: {e}", file=sys.stderr)
-            sys.exit(2)
+            _fail(f"error: {e}", 2 if isinstance(e, UserError) else 3)
+        except Exception as e:
+            if distributed.multi_process() and "JaxRuntimeError" in type(e).__name__ and not flags.FLAGS.verbose:
+                distributed.await_peer_verdict()  # a collective fails when a peer dies: let the watchdog name it
+            raise
 
     app.run(wrapped)

@@ -7,7 +7,6 @@ from absl import flags
 
 from experiments import cli  # noqa: F401  (--verbose)
 from jaxseg.config import FLAT_NAMES, PRESETS, Config, get_config
-from jaxseg.train.sharding import initialize_distributed
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("config", "small", sorted(PRESETS), "preset: tiny (tests), small (CPU main job), gpu (one GPU), paper")
@@ -17,9 +16,11 @@ flags.DEFINE_bool("overwrite", False, "replace results in the work dir that were
 flags.DEFINE_string("compilation_cache", "auto",
                     "persistent XLA compilation cache: 'auto' (~/.cache/jaxseg/xla or $JAXSEG_CACHE_DIR), "
                     "a folder, or 'off'")
-flags.DEFINE_string("coordinator", None, "multi-host: coordinator address host:port")
+flags.DEFINE_string("coordinator", None, "multi-host: coordinator address host:port (on SLURM / Open MPI: detected)")
 flags.DEFINE_integer("num_processes", None, "multi-host: number of processes")
 flags.DEFINE_integer("process_id", None, "multi-host: this process's id")
+flags.DEFINE_integer("heartbeat_timeout", 100, "multi-host: seconds before a silent process counts as gone "
+                     "(the others then exit within a third of it)", lower_bound=10)
 for _name, _value in Config().flat().items():
     _kind = {bool: flags.DEFINE_bool, int: flags.DEFINE_integer, float: flags.DEFINE_float}.get(
         type(_value), flags.DEFINE_string)
@@ -38,5 +39,7 @@ def config_from_flags() -> Config:
     cfg = get_config(FLAGS.config, **overrides)
     # Identical programs (a rerun, each fine-tuning run, each evaluation) compile once per machine.
     enable_compilation_cache(FLAGS.compilation_cache)
-    initialize_distributed(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id)
+    from jaxseg.distributed import initialize
+
+    initialize(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id, FLAGS.heartbeat_timeout)
     return cfg

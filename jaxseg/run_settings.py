@@ -11,24 +11,10 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import jax
-
+from jaxseg.distributed import barrier, is_primary
 from jaxseg.errors import UserError
 
 SETTINGS_FILE = "settings.json"
-
-
-def is_primary() -> bool:
-    """Process 0 writes the outputs shared by all processes of a multi-host run."""
-    return jax.process_index() == 0
-
-
-def barrier(name: str) -> None:
-    """All processes wait here (a no-op in a single-process run)."""
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices(name)
 
 
 def file_digest(path: str | os.PathLike) -> str:

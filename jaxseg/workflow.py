@@ -19,7 +19,8 @@ from jaxseg.data.cache import is_current
 from jaxseg.errors import UserError
 from jaxseg.predict import MODEL_CARD, model_card
 from jaxseg.probe import representation_probe
-from jaxseg.run_settings import atomic_write_text, barrier, claim_output_dir, file_digest, is_primary
+from jaxseg.distributed import barrier, is_primary, sole_writer
+from jaxseg.run_settings import atomic_write_text, claim_output_dir, file_digest
 from jaxseg.evaluate import evaluate_cases, mean_foreground_dice, plot_loss_curves
 from jaxseg.inference import predict_volume
 from jaxseg import models
@@ -29,7 +30,7 @@ from jaxseg.train.checkpoint import check_workdir, load_params, save_params
 from jaxseg.train.finetune import make_finetune_step
 from jaxseg.train.loop import converged, run_loop
 from jaxseg.train.pretrain import make_pretrain_step, pretrain_state
-from jaxseg.train.sharding import data_mesh, replicate, shard_batch
+from jaxseg.train.sharding import data_mesh, host_shard, replicate, shard_batch
 from jaxseg.train.state import create_state, make_optimizer
 
 
@@ -98,43 +99,44 @@ def run_pretraining(cfg: Config, workdir: str | Path, out_name: str = "pretrain"
     ``workdir/out_name``: ``params.msgpack``, per-stage metrics and summaries,
     ``pretrain_loss.png``, and in the summary a linear probe of the enc4 features at random
     init and after each stage (``jaxseg.probe``). Returns (params, summary)."""
-    _, cache, split, workdir, model, params = _job_setup(cfg, workdir, out_name, progress, "pretrain", overwrite,
-                                                         data=data)
-    mesh = data_mesh()
-    multilabel = cache.regions is not None
-    dcfg, p = cfg.pretrain_data(), cfg.pretrain
-    encode = jax.jit(functools.partial(model.apply, method=UNETR.encode))
+    with sole_writer(Path(workdir) / out_name):
+        _, cache, split, workdir, model, params = _job_setup(cfg, workdir, out_name, progress, "pretrain", overwrite,
+                                                             data=data)
+        mesh = data_mesh()
+        multilabel = cache.regions is not None
+        dcfg, p = cfg.pretrain_data(), cfg.pretrain
+        encode = jax.jit(functools.partial(model.apply, method=UNETR.encode))
 
-    def probe(params):  # the same crops of the same volumes for every model compared
-        return representation_probe(lambda x: encode(params, x), cache, split["train"], split["val"] + split["test"],
-                                    cfg.model.crop_size, p.num_partitions, seed=cfg.data.seed)
+        def probe(params):  # the same crops of the same volumes for every model compared
+            return representation_probe(lambda x: encode(params, x), cache, split["train"], split["val"] + split["test"],
+                                        cfg.model.crop_size, p.num_partitions, seed=cfg.data.seed)
 
-    probes = {"random_init": probe(params)}
-    summaries = {}
-    for stage_idx, (stage, steps) in enumerate(zip(STAGES, (p.stage1_steps, p.stage2_steps))):
-        state, tx = pretrain_state(model, params, cfg, stage)
-        ds = pretrain_dataset(cache, split["train"], dcfg, seed=cfg.seed * 1000 + stage_idx)
-        state, summary = run_loop(
-            name=f"pretrain_{stage}", workdir=workdir / stage, state=replicate(state, mesh),
-            step_fn=make_pretrain_step(model, tx, cfg, stage, multilabel),
-            data_iter=make_iterator(ds, cfg.data.threads), num_steps=steps,
-            prepare_batch=functools.partial(shard_batch, mesh=mesh),
-            crops_per_step=p.volumes_per_step * p.crops_per_volume, ckpt_every=cfg.ckpt_every,
-            should_stop=functools.partial(converged, window=p.convergence_window, rtol=p.convergence_rtol),
-            min_steps=p.min_steps, progress=progress, learning_rate=cfg.lr)
-        params = state.params
-        summaries[stage] = summary
-        probes[stage] = probe(params)
-    total = {"objective": p.objective, "stages": summaries, "probe": probes,
-             "train_s": sum(s["train_s"] for s in summaries.values()),
-             "compile_s": sum(s["compile_s"] or 0.0 for s in summaries.values()),
-             "steps": sum(s["end_step"] for s in summaries.values())}
-    if is_primary():
-        save_params(workdir / "params.msgpack", params)
-        atomic_write_text(workdir / "pretrain_summary.json", json.dumps(total, indent=1))
-        plot_loss_curves({f"{p.objective} {s}": workdir / s / "metrics.jsonl" for s in summaries},
-                         workdir / "pretrain_loss.png")
-    return params, total
+        probes = {"random_init": probe(params)}
+        summaries = {}
+        for stage_idx, (stage, steps) in enumerate(zip(STAGES, (p.stage1_steps, p.stage2_steps))):
+            state, tx = pretrain_state(model, params, cfg, stage)
+            ds = pretrain_dataset(cache, split["train"], dcfg, seed=cfg.seed * 1000 + stage_idx, shard=host_shard())
+            state, summary = run_loop(
+                name=f"pretrain_{stage}", workdir=workdir / stage, state=replicate(state, mesh),
+                step_fn=make_pretrain_step(model, tx, cfg, stage, multilabel),
+                data_iter=make_iterator(ds, cfg.data.threads), num_steps=steps,
+                prepare_batch=functools.partial(shard_batch, mesh=mesh),
+                crops_per_step=p.volumes_per_step * p.crops_per_volume, ckpt_every=cfg.ckpt_every,
+                should_stop=functools.partial(converged, window=p.convergence_window, rtol=p.convergence_rtol),
+                min_steps=p.min_steps, progress=progress, learning_rate=cfg.lr)
+            params = state.params
+            summaries[stage] = summary
+            probes[stage] = probe(params)
+        total = {"objective": p.objective, "stages": summaries, "probe": probes,
+                 "train_s": sum(s["train_s"] for s in summaries.values()),
+                 "compile_s": sum(s["compile_s"] or 0.0 for s in summaries.values()),
+                 "steps": sum(s["end_step"] for s in summaries.values())}
+        if is_primary():
+            save_params(workdir / "params.msgpack", params)
+            atomic_write_text(workdir / "pretrain_summary.json", json.dumps(total, indent=1))
+            plot_loss_curves({f"{p.objective} {s}": workdir / s / "metrics.jsonl" for s in summaries},
+                             workdir / "pretrain_loss.png")
+        return params, total
 
 
 def run_finetuning(cfg: Config, workdir: str | Path, init: str | Path | None = None,
@@ -144,64 +146,67 @@ def run_finetuning(cfg: Config, workdir: str | Path, init: str | Path | None = N
     ``cfg.finetune.label_budget`` labelled training cases (all when 0); validation Dice every
     ``cfg.finetune.eval_every`` steps keeps the best parameters in ``best.msgpack`` (never the test
     set). Data in ``workdir``, outputs in ``workdir/out_name``. Returns (best params, summary)."""
-    _, cache, split, workdir, model, params = _job_setup(cfg, workdir, out_name, progress, "finetune", overwrite,
-                                                         data=data, init=init or None)
-    mesh = data_mesh()
-    if init:
-        params = load_params(init, params)
-    multilabel = cache.regions is not None
-    ids = label_budget(split["train"], cfg.finetune.label_budget or None, cfg.seed)
-    dcfg = cfg.finetune_data()
-    tx = make_optimizer(cfg.lr, cfg.weight_decay)
-    state = replicate(create_state(params, tx), mesh)
-    best_path, best_json = workdir / "best.msgpack", workdir / "best.json"
-    best = json.loads(best_json.read_text()) if best_json.is_file() else {"val_dice": -1.0, "step": 0}
+    with sole_writer(Path(workdir) / out_name):
+        _, cache, split, workdir, model, params = _job_setup(cfg, workdir, out_name, progress, "finetune", overwrite,
+                                                             data=data, init=init or None)
+        mesh = data_mesh()
+        if init:
+            params = load_params(init, params)
+        multilabel = cache.regions is not None
+        ids = label_budget(split["train"], cfg.finetune.label_budget or None, cfg.seed)
+        dcfg = cfg.finetune_data()
+        tx = make_optimizer(cfg.lr, cfg.weight_decay)
+        state = replicate(create_state(params, tx), mesh)
+        best_path, best_json = workdir / "best.msgpack", workdir / "best.json"
+        best = json.loads(best_json.read_text()) if best_json.is_file() else {"val_dice": -1.0, "step": 0}
 
-    apply_fn = jax.jit(model.apply)
+        apply_fn = jax.jit(model.apply)
 
-    def evaluate(state, step):
-        def predict(image):
-            return predict_volume(apply_fn, state.params, image, cfg.model.crop_size, cfg.eval.sw_batch_size,
-                                  cfg.eval.overlap,
-                                  multilabel)
+        def evaluate(state, step):
+            def predict(image):
+                return predict_volume(apply_fn, state.params, image, cfg.model.crop_size, cfg.eval.sw_batch_size,
+                                      cfg.eval.overlap,
+                                      multilabel)
 
-        d, rgb = mean_foreground_dice(predict, cache, split["val"], figure=is_primary())
-        if d > best["val_dice"] or not best_path.exists():
-            best.update(val_dice=d, step=step)
-            if is_primary():
+            d, rgb = mean_foreground_dice(predict, cache, split["val"], figure=is_primary())
+            if d > best["val_dice"]:  # the same on every process (never a file check: hosts see files late)
+                best.update(val_dice=d, step=step)
+                if is_primary():
+                    save_params(best_path, state.params)
+                    atomic_write_text(best_json, json.dumps(best))
+            return {"val_dice": d, "images": {} if rgb is None else {"validation/overlay": rgb}}
+
+        ds = finetune_dataset(cache, ids, dcfg, seed=cfg.seed, shard=host_shard())
+        state, summary = run_loop(
+            name="finetune", workdir=workdir, state=state, step_fn=make_finetune_step(model, tx, multilabel),
+            data_iter=make_iterator(ds, cfg.data.threads), num_steps=cfg.finetune.steps,
+            prepare_batch=functools.partial(shard_batch, mesh=mesh),
+            crops_per_step=cfg.finetune.volumes_per_step * cfg.finetune.crops_per_volume,
+            ckpt_every=cfg.ckpt_every, evaluate=evaluate if split["val"] else None, eval_every=cfg.finetune.eval_every,
+            progress=progress, learning_rate=cfg.lr)
+        summary.update(best=best, label_cases=ids)
+        if is_primary():
+            if not best_path.exists():
                 save_params(best_path, state.params)
-                atomic_write_text(best_json, json.dumps(best))
-        return {"val_dice": d, "images": {} if rgb is None else {"validation/overlay": rgb}}
-
-    ds = finetune_dataset(cache, ids, dcfg, seed=cfg.seed)
-    state, summary = run_loop(
-        name="finetune", workdir=workdir, state=state, step_fn=make_finetune_step(model, tx, multilabel),
-        data_iter=make_iterator(ds, cfg.data.threads), num_steps=cfg.finetune.steps,
-        prepare_batch=functools.partial(shard_batch, mesh=mesh),
-        crops_per_step=cfg.finetune.volumes_per_step * cfg.finetune.crops_per_volume,
-        ckpt_every=cfg.ckpt_every, evaluate=evaluate if split["val"] else None, eval_every=cfg.finetune.eval_every,
-        progress=progress, learning_rate=cfg.lr)
-    summary.update(best=best, label_cases=ids)
-    if is_primary():
-        if not best_path.exists():
-            save_params(best_path, state.params)
-        atomic_write_text(workdir / "finetune_summary.json", json.dumps(summary, indent=1))
-    barrier("finetune done")
-    return load_params(best_path, state.params), summary
+            atomic_write_text(workdir / "finetune_summary.json", json.dumps(summary, indent=1))
+        barrier("finetune done")
+        return load_params(best_path, state.params), summary
 
 
 def run_evaluation(cfg: Config, workdir: str | Path, params_path: str | Path, out_name: str = "eval",
                    split_name: str = "test", progress: bool = True, overwrite: bool = False,
                    data: Data | None = None) -> dict:
     """Evaluate ``params_path`` on the held-out ``split_name`` cases of ``workdir``'s data."""
-    _, cache, split, out, model, params = _job_setup(cfg, workdir, out_name, progress, "evaluate", overwrite,
-                                                     extra={"split": split_name}, data=data, params=params_path)
-    params = load_params(params_path, params)
-    multilabel = cache.regions is not None
-    apply_fn = jax.jit(model.apply)
+    with sole_writer(Path(workdir) / out_name):
+        _, cache, split, out, model, params = _job_setup(cfg, workdir, out_name, progress, "evaluate", overwrite,
+                                                         extra={"split": split_name}, data=data, params=params_path)
+        params = load_params(params_path, params)
+        multilabel = cache.regions is not None
+        apply_fn = jax.jit(model.apply)
 
-    def predict(image):
-        return predict_volume(apply_fn, params, image, cfg.model.crop_size, cfg.eval.sw_batch_size, cfg.eval.overlap,
-                              multilabel)
+        def predict(image):
+            return predict_volume(apply_fn, params, image, cfg.model.crop_size, cfg.eval.sw_batch_size, cfg.eval.overlap,
+                                  multilabel)
 
-    return evaluate_cases(predict, cache, split[split_name], out, progress=progress, write=is_primary())
+        return evaluate_cases(predict, cache, split[split_name], out, progress=progress, write=is_primary())
+

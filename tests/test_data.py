@@ -240,6 +240,32 @@ def test_finetune_pipeline_balanced_crops_and_epochs(spleen_cache):
     assert sorted(order[:3]) == [0, 1, 2] and sorted(order[3:]) == [0, 1, 2]
 
 
+@pytest.mark.parametrize("kind", ["pretrain", "finetune"])
+def test_per_host_rows_concatenate_to_the_single_process_batch(spleen_cache, kind):
+    """Each of M hosts makes only its own rows of step k's global batch, and the rows of hosts
+    0..M-1 concatenated are the batch one process makes; per-step arrays are the same everywhere."""
+    if kind == "pretrain":
+        cfg = PretrainDataConfig(crop_size=24, volumes_per_step=2, crops_per_volume=2)
+        make = lambda shard: pretrain_dataset(spleen_cache, spleen_cache.training, cfg, seed=5, shard=shard)
+    else:
+        cfg = FinetuneDataConfig(crop_size=24, volumes_per_step=2, crops_per_volume=2)
+        make = lambda shard: finetune_dataset(spleen_cache, spleen_cache.training, cfg, seed=5, shard=shard)
+    whole = make((0, 1))
+    for m in (2, 4):
+        hosts = [make((i, m)) for i in range(m)]
+        for k in (0, 3):
+            parts = [h[k] for h in hosts]
+            for key, want in whole[k].items():
+                if key in ("image", "label"):
+                    assert all(len(p[key]) == len(want) // m for p in parts)
+                    np.testing.assert_array_equal(np.concatenate([p[key] for p in parts]), want, err_msg=key)
+                else:
+                    for p in parts:
+                        np.testing.assert_array_equal(p[key], want, err_msg=key)
+    with pytest.raises(ValueError, match="does not split over 3 processes"):
+        make((0, 3))
+
+
 def test_splits_and_label_budget():
     ids = [f"c{i:02d}" for i in range(20)]
     s = split_cases(ids, 0.2, 0.2, seed=0)

@@ -54,6 +54,15 @@ def test_prepare_phantom_and_pipeline_benchmark(tmp_path):
                "--steps=2", "--warmup=1", "--threads=1", f"--json_out={path}")
     rows = json.loads(path.read_text())["rows"]
     assert {r["pipeline"] for r in rows} == {"pretrain", "finetune"} and all(r["crops_per_s"] > 0 for r in rows)
+    assert {r["hosts"] for r in rows} == {1, 2, 4}
+
+
+def test_loop_overhead_benchmark(tmp_path):
+    path = tmp_path / "loop.json"
+    out = run_module("benchmarks.loop_overhead", "--step_ms=2", "--short=3", "--long=6", "--repeats=1", "--crop=16",
+                     f"--json_out={path}")
+    med = json.loads(path.read_text())["median"]
+    assert "exposed host time" in out and med["device_step_ms"] > 0 and med["loop_step_ms"] > 0
 
 
 def test_pretrain_finetune_evaluate_entry_points(tmp_path):

@@ -142,8 +142,76 @@ def test_min_steps_delays_the_rule_and_both_steps_are_reported(tmp_path):
         _, summary = run_loop(name="flat", workdir=tmp_path / str(min_steps), state=state, step_fn=flat_step,
                               data_iter=make_iterator(ds, 1), num_steps=100, prepare_batch=lambda b: b,
                               crops_per_step=1, should_stop=converged, min_steps=min_steps, progress=False)
-        assert (summary["end_step"], summary["converged_at"], summary["rule_met_at"]) == (stop, stop, 11)
+        # the loop reads step k's loss after dispatching step k+1: it runs one step past the rule
+        assert (summary["end_step"], summary["converged_at"], summary["rule_met_at"]) == (stop + 1, stop, 11)
         assert summary["loss_trend"] == trend  # needs 20 steps
+
+
+def _toy_loop(workdir, losses, num_steps, on_step=None, **kw):
+    """run_loop over a toy state (w += batch): cheap, deterministic, checkpointable."""
+    import grain
+
+    from jaxseg.train.state import TrainState
+
+    def step_fn(state, batch):
+        k = int(state.step)
+        if on_step is not None:
+            on_step(k + 1)
+        w = state.params["w"] + batch["x"]
+        return state.replace(step=state.step + 1, params={"w": w}), {"loss": jnp.float32(losses(k + 1))}
+
+    ds = grain.MapDataset.range(10_000).map(lambda k: {"x": np.full(3, k, np.float32)})
+    state = TrainState(step=jnp.int32(0), params={"w": jnp.zeros(3)}, opt_state=())
+    return run_loop(name="toy", workdir=workdir, state=state, step_fn=step_fn, data_iter=make_iterator(ds, 1),
+                    num_steps=num_steps, prepare_batch=lambda b: b, crops_per_step=1, progress=False, **kw)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_async_loop_stops_at_most_one_step_after_the_synchronous_rule(tmp_path, seed):
+    rng = np.random.default_rng(seed)
+    seq = np.concatenate([np.linspace(2, 1, 15 + seed * 7), 1 + 0.004 * rng.standard_normal(60)])
+    sync_stop = next(k for k in range(1, len(seq) + 1) if converged(list(seq[:k])))  # a loop that waits each step
+    _, summary = _toy_loop(tmp_path, lambda k: seq[k - 1], 200, should_stop=converged, ckpt_every=1000)
+    assert summary["rule_met_at"] == summary["converged_at"] == sync_stop
+    assert summary["end_step"] - sync_stop in (0, 1)
+    rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, summary["end_step"] + 1))
+
+
+def test_sigterm_checkpoints_stops_and_resumes_to_the_uninterrupted_result(tmp_path):
+    import signal
+
+    from jaxseg.distributed import Preempted
+
+    losses = lambda k: 1.0 / k
+    full, _ = _toy_loop(tmp_path / "full", losses, 9, ckpt_every=4)
+
+    def term_at_5(k):
+        if k == 5:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    with pytest.raises(Preempted, match="after step 5"):
+        _toy_loop(tmp_path / "cut", losses, 9, on_step=term_at_5, ckpt_every=4)
+    ckpt = Checkpointer(tmp_path / "cut" / "checkpoints")
+    assert ckpt.latest_step() == 5  # written at the step in hand, not at the next periodic one (8)
+    ckpt.close()
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is the loop's only while it runs
+    resumed, summary = _toy_loop(tmp_path / "cut", losses, 9, ckpt_every=4)
+    assert summary["start_step"] == 5 and int(resumed.step) == 9
+    np.testing.assert_array_equal(np.asarray(resumed.params["w"]), np.asarray(full.params["w"]))
+    rows = [json.loads(l)["step"] for l in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+    assert rows == list(range(1, 10))
+
+
+def test_train_time_is_step_time_and_a_rerun_that_trains_nothing_adds_nothing(tmp_path):
+    import time as _time
+
+    slow_setup = lambda k: _time.sleep(0.3) if k == 1 else None  # the first step: 'compilation'
+    _, first = _toy_loop(tmp_path, lambda k: 1.0, 6, on_step=slow_setup, ckpt_every=3)
+    assert first["compile_s"] >= 0.25 and first["train_s"] < 0.25  # six near-instant steps
+    _, again = _toy_loop(tmp_path, lambda k: 1.0, 6)
+    assert again["start_step"] == again["end_step"] == 6
+    assert again["train_s"] == pytest.approx(first["train_s"], abs=1e-9)
 
 
 def test_loss_trend():
@@ -192,7 +260,7 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(cache, tmp_path):
         state, m = step(state, batch)
         return state, {"loss": jnp.where(state.step >= 3, jnp.nan, m["loss"])}
 
-    with pytest.raises(NonFiniteLossError, match="step 2.*checkpoint \\(step 2\\)"):
+    with pytest.raises(NonFiniteLossError, match="at step 3.*checkpoint \\(step 2\\)"):
         _run(tmp_path, state, poisoned, ds, 6)
     _, template, _, _ = _setup(cache, CFG, "encoder")
     ckpt = Checkpointer(tmp_path / "checkpoints")

@@ -1,8 +1,9 @@
 """grain input pipelines for pre-training and fine-tuning, read from the preprocessing cache.
 
-Element k of each pipeline is a whole step's batch, made by a function of (seed, k) alone
-(``MapDataset.random_map``), so the stream is deterministic, independent of thread count, and
-its position is one integer: the iterator state that checkpoints save and restore. Host work
+Element k of each pipeline is one step's batch, or in a multi-process run this host's rows of
+it; each row is made by a function of (seed, k, row) alone, so the global batch is the same
+whatever the number of processes or threads, each host reads and augments only its own rows,
+and the stream's position is one integer: the iterator state that checkpoints save and restore. Host work
 overlaps device steps through grain's thread prefetch (``ReadOptions``). Worker processes were
 slower than threads on 2 cores for arrays this size (see benchmarks/README.md), so threads are
 the default.
@@ -58,50 +59,70 @@ class _Volumes:
         self.order_seed = order_seed
 
 
-def _pretrain_element(vols: _Volumes, cfg: PretrainDataConfig, k: int, rng: np.random.Generator) -> dict:
-    del k
+def host_rows(total: int, shard: tuple[int, int]) -> range:
+    """The rows of a global batch of ``total`` that process ``index`` of ``count`` builds: a
+    contiguous block, in the order of the devices of a 1-D data mesh."""
+    index, count = shard
+    if not 0 <= index < count:
+        raise ValueError(f"shard must be (index, count) with 0 <= index < count, got {shard}")
+    if total % count:
+        raise ValueError(f"a global batch of {total} crops does not split over {count} processes; "
+                         f"make volumes_per_step x crops_per_volume a multiple of {count}")
+    n = total // count
+    return range(index * n, (index + 1) * n)
+
+
+def _step_rng(seed: int, k: int) -> np.random.Generator:
+    return np.random.default_rng([seed, k])
+
+
+def _row_rng(seed: int, k: int, row: int) -> np.random.Generator:
+    """Each row of step ``k`` has its own stream, so a host can make its rows without the others'."""
+    return np.random.default_rng([seed, k, 1 + row])
+
+
+def _pretrain_element(vols: _Volumes, cfg: PretrainDataConfig, seed: int, shard: tuple[int, int], k: int) -> dict:
     n = len(vols.ids)
-    chosen = rng.choice(n, size=cfg.volumes_per_step, replace=n < cfg.volumes_per_step)
+    step = _step_rng(seed, k)  # what every host shares: volumes, partition offsets, triplet seed
+    chosen = step.choice(n, size=cfg.volumes_per_step, replace=n < cfg.volumes_per_step)
+    p = cfg.num_partitions
+    u = step.random((3, 1 if cfg.shared_offset else p))
     size = (cfg.crop_size,) * 3
     crops = []
-    for v in chosen:  # order [v1a, v1b, v2a, v2b], as the authors
-        img = vols.images[v]
-        for _ in range(cfg.crops_per_volume):
-            c = crop_at(img, random_start(rng, img.shape[:3], size), size)
-            crops.append(augment(rng, c, flip_prob=cfg.flip_prob, rot90_prob=cfg.rot90_prob,
-                                 shift_prob=cfg.shift_prob)[0])
-    p = cfg.num_partitions
-    u = rng.random((3, 1 if cfg.shared_offset else p))
+    for r in host_rows(cfg.volumes_per_step * cfg.crops_per_volume, shard):  # order [v1a, v1b, v2a, v2b]
+        rng, img = _row_rng(seed, k, r), vols.images[chosen[r // cfg.crops_per_volume]]
+        c = crop_at(img, random_start(rng, img.shape[:3], size), size)
+        crops.append(augment(rng, c, flip_prob=cfg.flip_prob, rot90_prob=cfg.rot90_prob, shift_prob=cfg.shift_prob)[0])
     return {"image": np.stack(crops), "volume": chosen.astype(np.int32),
             "offset_u": np.broadcast_to(u, (3, p)).astype(np.float32),
-            "seed": np.int32(rng.integers(0, 2**31 - 1))}
+            "seed": np.int32(step.integers(0, 2**31 - 1))}
 
 
-def _finetune_element(vols: _Volumes, cfg: FinetuneDataConfig, regions, k: int,
-                      rng: np.random.Generator) -> dict:
+def _finetune_element(vols: _Volumes, cfg: FinetuneDataConfig, regions, seed: int, shard: tuple[int, int],
+                      k: int) -> dict:
     n = len(vols.ids)
     size = (cfg.crop_size,) * 3
-    images, labels, chosen = [], [], []
+    chosen = []
     for slot in range(cfg.volumes_per_step):
-        flat = k * cfg.volumes_per_step + slot  # epoch-wise permutations: every case once per epoch
-        epoch, pos = divmod(flat, n)
-        v = int(_epoch_order(vols, epoch)[pos])
-        chosen.append(v)
-        img, lab = vols.images[v], vols.labels[v]
-        lab_arr = np.asarray(lab)
-        fg = np.argwhere(lab_arr > 0)
-        bg_mask = (lab_arr == 0) & np.any(np.asarray(img) != 0, axis=-1)
-        for _ in range(cfg.crops_per_volume):
-            if len(fg) and rng.random() < cfg.pos_fraction:
-                centre = fg[rng.integers(len(fg))]
-            else:
-                centre = _random_voxel(rng, bg_mask)
-            start = centred_start(centre, img.shape[:3], size)
-            ci, cl = crop_at(img, start, size), crop_at(lab_arr, start, size)
-            ci, cl = augment(rng, ci, cl, flip_prob=cfg.flip_prob, rot90_prob=cfg.rot90_prob,
-                             shift_prob=cfg.shift_prob)
-            images.append(ci)
-            labels.append(label_channels(cl, regions) if regions else cl.astype(np.int32))
+        epoch, pos = divmod(k * cfg.volumes_per_step + slot, n)  # epoch-wise permutations: every case once per epoch
+        chosen.append(int(_epoch_order(vols, epoch)[pos]))
+    images, labels, masks = [], [], {}
+    for r in host_rows(cfg.volumes_per_step * cfg.crops_per_volume, shard):
+        v = chosen[r // cfg.crops_per_volume]
+        img, lab = vols.images[v], np.asarray(vols.labels[v])
+        if v not in masks:  # foreground / background voxels of each volume this host crops
+            masks[v] = (np.argwhere(lab > 0), (lab == 0) & np.any(np.asarray(img) != 0, axis=-1))
+        fg, bg_mask = masks[v]
+        rng = _row_rng(seed, k, r)
+        if len(fg) and rng.random() < cfg.pos_fraction:
+            centre = fg[rng.integers(len(fg))]
+        else:
+            centre = _random_voxel(rng, bg_mask)
+        start = centred_start(centre, img.shape[:3], size)
+        ci, cl = augment(rng, crop_at(img, start, size), crop_at(lab, start, size), flip_prob=cfg.flip_prob,
+                         rot90_prob=cfg.rot90_prob, shift_prob=cfg.shift_prob)
+        images.append(ci)
+        labels.append(label_channels(cl, regions) if regions else cl.astype(np.int32))
     return {"image": np.stack(images), "label": np.stack(labels), "volume": np.asarray(chosen, np.int32)}
 
 
@@ -116,25 +137,30 @@ def _epoch_order(vols: _Volumes, epoch: int) -> np.ndarray:
     return np.random.default_rng([vols.order_seed, epoch]).permutation(len(vols.ids))
 
 
-def pretrain_dataset(cache: Cache, case_ids: Sequence[str], cfg: PretrainDataConfig, seed: int) -> grain.MapDataset:
-    """Element k: ``image`` (V*Cv, S, S, S, C) float32 crops ordered [v1a, v1b, v2a, ...],
-    ``offset_u`` (3, P) uniforms in [0, 1) for each axis' partition offsets (the step scales
-    them by the partition size of the map it slices, so one draw serves encoder and decoder
-    stages), and ``seed``, from which the step draws the triplets of a sampled objective (one
-    sampler, ``jaxseg.losses.sample_triplets``, inside the jitted step)."""
+def pretrain_dataset(cache: Cache, case_ids: Sequence[str], cfg: PretrainDataConfig, seed: int,
+                     shard: tuple[int, int] = (0, 1)) -> grain.MapDataset:
+    """Element k: ``image`` (V*Cv / count, S, S, S, C) float32, this host's rows of the global
+    batch ordered [v1a, v1b, v2a, ...] (``shard`` = (process index, process count); every row is
+    a function of (seed, k, row) alone, so the global batch is the same for any process count),
+    and, the same on every host: ``offset_u`` (3, P) uniforms in [0, 1) for each axis' partition
+    offsets (the step scales them by the partition size of the map it slices, so one draw serves
+    encoder and decoder stages), ``volume`` (V,), and ``seed``, from which the step draws the
+    triplets of a sampled objective (``jaxseg.losses.sample_triplets``, inside the jitted step)."""
     vols = _Volumes(cache, case_ids, labels=False)
-    return grain.MapDataset.range(_MAX_STEPS).random_map(
-        lambda k, rng: _pretrain_element(vols, cfg, k, rng), seed=seed)
+    host_rows(cfg.volumes_per_step * cfg.crops_per_volume, shard)  # refuse a batch that cannot split, now
+    return grain.MapDataset.range(_MAX_STEPS).map(lambda k: _pretrain_element(vols, cfg, seed, shard, k))
 
 
-def finetune_dataset(cache: Cache, case_ids: Sequence[str], cfg: FinetuneDataConfig, seed: int) -> grain.MapDataset:
-    """Element k: ``image`` (V*Cv, S, S, S, C) and ``label``: integer (V*Cv, S, S, S) for
-    softmax tasks, multi-hot (V*Cv, S, S, S, 3) TC/WT/ET for BraTS-like caches, and ``volume``
-    (V,) the case indices used. Volumes follow a seeded permutation per epoch (every case once
-    per epoch); crop centres are foreground / background 1:1."""
+def finetune_dataset(cache: Cache, case_ids: Sequence[str], cfg: FinetuneDataConfig, seed: int,
+                     shard: tuple[int, int] = (0, 1)) -> grain.MapDataset:
+    """Element k: this host's rows (see ``pretrain_dataset``) of ``image`` (V*Cv, S, S, S, C)
+    and ``label``: integer (V*Cv, S, S, S) for softmax tasks, multi-hot (V*Cv, S, S, S, 3)
+    TC/WT/ET for BraTS-like caches; and ``volume`` (V,) the case indices used. Volumes follow a
+    seeded permutation per epoch (every case once per epoch); crop centres are foreground /
+    background 1:1."""
     vols = _Volumes(cache, case_ids, labels=True, order_seed=seed)
-    return grain.MapDataset.range(_MAX_STEPS).random_map(
-        lambda k, rng: _finetune_element(vols, cfg, cache.regions, k, rng), seed=seed)
+    host_rows(cfg.volumes_per_step * cfg.crops_per_volume, shard)
+    return grain.MapDataset.range(_MAX_STEPS).map(lambda k: _finetune_element(vols, cfg, cache.regions, seed, shard, k))
 
 
 def make_iterator(ds: grain.MapDataset, num_threads: int = 2, prefetch: int = 4):

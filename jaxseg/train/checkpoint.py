@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,7 @@ def check_workdir(workdir: str | Path, min_free_bytes: int = 200 * 2**20) -> Pat
     path = Path(workdir).absolute()
     try:
         path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".write_test"
+        probe = path / f".write_test.{socket.gethostname()}.{os.getpid()}"  # one per process: hosts share work dirs
         probe.write_bytes(b"x")
         probe.unlink()
     except OSError as e:

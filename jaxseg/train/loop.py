@@ -1,11 +1,18 @@
 """The training loop shared by pre-training and fine-tuning, and its small parts: resume, a
-``Clock`` (compile step apart, data wait measured, paused during evaluation and checkpoints),
-periodic actions (evaluate, checkpoint, log: metrics file, TensorBoard, progress with ETA), a
-NaN stop that keeps the last good checkpoint, and the convergence rule."""
+``Clock`` (step time only: compilation, setup, evaluation and checkpoints apart), a
+``DeviceFeed`` that puts batches on the device ahead of use, periodic actions (evaluate,
+checkpoint, log: metrics file, TensorBoard, progress with ETA), a NaN stop that keeps the last
+good checkpoint, preemption (SIGTERM: checkpoint, then stop), and the convergence rule.
+
+The loop never waits on the device for bookkeeping: step k+1 is dispatched before step k's
+loss is read, so logging and the convergence rule run while the device computes. The rule
+therefore decides one step late (a stage may run one step past ``rule_met_at``). Only steps
+that evaluate or checkpoint, which need the state of that very step, wait for it.
+"""
 
 from __future__ import annotations
 
-import contextlib
+import collections
 import json
 import math
 import os
@@ -17,7 +24,8 @@ from typing import Any, Callable
 import jax
 from tqdm import tqdm
 
-from jaxseg.run_settings import atomic_write_text, is_primary
+from jaxseg.distributed import Preempted, StopRequest, is_primary
+from jaxseg.run_settings import atomic_write_text
 from jaxseg.train.checkpoint import Checkpointer
 from jaxseg.train.tensorboard import Board
 
@@ -27,29 +35,32 @@ class NonFiniteLossError(FloatingPointError):
 
 
 class Clock:
-    """Training time the careful way: the first step (compilation) apart, evaluation and
-    checkpoints paused out, earlier (killed) runs' training time carried over."""
+    """Training time the careful way: the sum of step intervals (from one step's result to the
+    next one's), with the first step's compilation apart and the time spent evaluating or
+    checkpointing left out; earlier (killed) runs' training time carried over. A run that
+    trains no step adds nothing."""
 
     def __init__(self, prior_train_s: float = 0.0):
-        self.prior, self.start, self.paused_s = prior_train_s, time.perf_counter(), 0.0
+        self.prior = prior_train_s
+        self.start = self.mark = time.perf_counter()
         self.first_step_s: float | None = None
         self.step_times: list[float] = []
         self.data_waits: list[float] = []
 
-    def record(self, data_wait: float, step_time: float) -> None:
-        if self.first_step_s is None:
-            self.first_step_s = step_time
-        else:
-            self.step_times.append(step_time)
-            self.data_waits.append(data_wait)
+    def restart(self) -> None:
+        """Time from now on counts (after setup, evaluation or a checkpoint)."""
+        self.mark = time.perf_counter()
 
-    @contextlib.contextmanager
-    def paused(self):
-        t = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.paused_s += time.perf_counter() - t
+    def step_done(self, data_wait: float) -> float:
+        """A step's result is on the host: its interval since the last mark."""
+        now = time.perf_counter()
+        interval, self.mark = now - self.mark, now
+        if self.first_step_s is None:
+            self.first_step_s = interval
+        else:
+            self.step_times.append(interval)
+            self.data_waits.append(data_wait)
+        return interval
 
     @property
     def compile_s(self) -> float:  # the first step's time less a typical step
@@ -58,7 +69,7 @@ class Clock:
         return max(self.first_step_s - statistics.median(self.step_times), 0.0) if self.step_times else self.first_step_s
 
     def train_s(self) -> float:
-        return self.prior + (time.perf_counter() - self.start) - self.paused_s - self.compile_s
+        return self.prior + (self.first_step_s or 0.0) + sum(self.step_times) - self.compile_s
 
     def summary(self, crops_per_step: int) -> dict:
         med = statistics.median(self.step_times) if self.step_times else None
@@ -66,6 +77,45 @@ class Clock:
                 "median_step_s": med,
                 "median_data_wait_s": statistics.median(self.data_waits) if self.data_waits else None,
                 "crops_per_s": crops_per_step / med if med else None}
+
+
+class DeviceFeed:
+    """Batches moved to the device (``put``) ``ahead`` steps before they are used. Its iterator
+    state (what checkpoints save, through grain's handler) is the host iterator's state right
+    after the last batch handed out, so a resumed run starts at the first batch not trained on,
+    whatever sits in the queue."""
+
+    def __init__(self, host_iter: Any, put: Callable[[dict], Any], ahead: int = 2):
+        self.it, self.put, self.ahead = host_iter, put, ahead
+        self.queue: collections.deque = collections.deque()
+        self.state = host_iter.get_state()
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if not self.queue:
+            self.top_up()
+        self.state, batch = self.queue.popleft()
+        return batch
+
+    def top_up(self) -> None:
+        """Fill the queue (call after dispatching a step, so the transfer overlaps it)."""
+        while len(self.queue) < self.ahead:
+            host = next(self.it)
+            self.queue.append((self.it.get_state(), self.put(host)))
+
+    def get_state(self) -> bytes:
+        return json.dumps(self.state).encode()
+
+    def set_state(self, state: bytes) -> None:
+        self.queue.clear()
+        self.state = json.loads(state)
+        self.it.set_state(self.state)
+
+    def start_prefetch(self) -> None:  # grain's checkpoint handler calls this after a restore
+        if hasattr(self.it, "start_prefetch"):
+            self.it.start_prefetch()
 
 
 def due(step: int, every: int, last: int) -> bool:
@@ -77,18 +127,23 @@ def run_loop(*, name: str, workdir: Path, state: Any, step_fn: Callable, data_it
              prepare_batch: Callable[[dict], dict], crops_per_step: int, ckpt_every: int = 100,
              should_stop: Callable[[list[float]], bool] | None = None, min_steps: int = 0,
              evaluate: Callable[[Any, int], dict] | None = None, eval_every: int = 0,
-             progress: bool = True, learning_rate: float | None = None) -> tuple[Any, dict]:
+             progress: bool = True, learning_rate: float | None = None, prefetch: int = 2) -> tuple[Any, dict]:
     """Run ``step_fn(state, batch) -> (state, metrics with 'loss')`` up to ``num_steps`` total
-    steps, resuming from ``workdir/checkpoints`` if present. Periodic actions: ``evaluate``
-    every ``eval_every`` steps (it may return ``images``: tag -> RGB array, for TensorBoard
-    only), a checkpoint every ``ckpt_every`` steps, a log row (``metrics.jsonl``, TensorBoard in
+    steps, resuming from ``workdir/checkpoints`` if present; ``prepare_batch`` moves a host batch
+    to the device, ``prefetch`` batches ahead. Periodic actions: ``evaluate`` every
+    ``eval_every`` steps (it may return ``images``: tag -> RGB array, for TensorBoard only), a
+    checkpoint every ``ckpt_every`` steps, a log row (``metrics.jsonl``, TensorBoard in
     ``workdir/tensorboard``, the progress bar) every step. ``should_stop(losses)`` ends the run
-    once it holds at or after step ``min_steps`` (a warm-up); the first step where it held is
-    kept either way (``rule_met_at``). Returns (state, summary); ``train_s`` counts training time
-    across resumed runs, without compilation (``compile_s``), evaluation or checkpointing."""
+    once it holds at or after step ``min_steps`` (a warm-up), one step later than it held (the
+    loop does not wait for a loss before dispatching the next step); the first step where it held
+    is kept either way (``rule_met_at``). SIGTERM checkpoints the step in hand and raises
+    ``Preempted``. Returns (state, summary); ``train_s`` counts step time across resumed runs,
+    without compilation (``compile_s``), setup, evaluation or checkpointing."""
     workdir = Path(workdir)
+    board = Board(workdir / "tensorboard")  # before the clock: creating it is not training
     ckpt = Checkpointer(workdir / "checkpoints")
-    restored = ckpt.restore(state, data_iter)
+    feed = DeviceFeed(data_iter, prepare_batch, prefetch)
+    restored = ckpt.restore(state, feed)
     state, extra = restored if restored is not None else (state, {})
     history: list[float] = list(extra.get("history", []))
     converged_at, rule_met_at = extra.get("converged_at"), extra.get("rule_met_at")
@@ -96,40 +151,65 @@ def run_loop(*, name: str, workdir: Path, state: Any, step_fn: Callable, data_it
     metrics_path = workdir / "metrics.jsonl"
     if is_primary():
         _truncate_metrics(metrics_path, start)  # a killed run may have logged steps past its checkpoint
-    clock = Clock(float(extra.get("train_s", 0.0)))
-    board = Board(workdir / "tensorboard")
     bar = tqdm(total=num_steps, initial=start, desc=name, unit="step", disable=not progress, dynamic_ncols=True)
-    with open(metrics_path if is_primary() else os.devnull, "a") as log:
-        while step < num_steps and converged_at is None:
+    clock = Clock(float(extra.get("train_s", 0.0)))
+    done = converged_at is not None or step >= num_steps
+
+    def finish(k: int, metrics: dict, data_wait: float, last: bool) -> None:
+        """Step ``k``'s bookkeeping, from values brought to the host once; ``last``: no step
+        after it was dispatched, so ``state`` is this step's and it may evaluate / checkpoint."""
+        nonlocal converged_at, rule_met_at
+        host = jax.device_get(metrics)  # waits for step k only: step k+1 may be running already
+        interval = clock.step_done(data_wait)
+        loss = float(host["loss"])
+        if not math.isfinite(loss):
+            _stop_non_finite(name, loss, k, ckpt)
+        history.append(loss)
+        rec = {"step": k, "loss": loss, "step_time_s": interval, "data_wait_s": data_wait,
+               "crops_per_s": crops_per_step / max(interval, 1e-9),
+               **{m: float(v) for m, v in host.items() if m != "loss" and getattr(v, "ndim", 0) == 0}}
+        if should_stop is not None and should_stop(history):
+            rule_met_at = k if rule_met_at is None else rule_met_at
+            if k >= min_steps and converged_at is None:
+                converged_at, rec["converged"] = k, True
+        if last:
+            trained = clock.train_s()  # up to this step, before its evaluation
+            if evaluate is not None and due(k, eval_every, num_steps):
+                rec.update(_evaluate(evaluate, state, k, board))
+            if due(k, ckpt_every, num_steps) or converged_at is not None or stop.requested:
+                ckpt.save(k, state, feed, {"history": history, "converged_at": converged_at,
+                                           "rule_met_at": rule_met_at, "train_s": trained})
+        _log(rec, log, board, bar, learning_rate)
+        if last:
+            clock.restart()  # evaluation and checkpoint time is not training
+
+    pending = None  # (step, metrics still on the device, data wait)
+    with StopRequest() as stop, open(metrics_path if is_primary() else os.devnull, "a") as log:
+        clock.restart()
+        while not done:
             t0 = time.perf_counter()
-            batch = prepare_batch(next(data_iter))
+            batch = next(feed)
             t1 = time.perf_counter()
-            state, metrics = step_fn(state, batch)
-            loss = float(metrics["loss"])  # syncs the device
-            t2 = time.perf_counter()
-            if not math.isfinite(loss):
-                _stop_non_finite(name, loss, step, ckpt)
-            clock.record(t1 - t0, t2 - t1)
-            history.append(loss)
+            state, metrics = step_fn(state, batch)  # dispatched; runs while step - 1 is logged
             step += 1
-            rec = {"step": step, "loss": loss, "step_time_s": t2 - t1, "data_wait_s": t1 - t0,
-                   "crops_per_s": crops_per_step / max(t2 - t1, 1e-9),
-                   **{k: float(v) for k, v in metrics.items() if k != "loss" and jax.numpy.ndim(v) == 0}}
-            if should_stop is not None and should_stop(history):
-                rule_met_at = step if rule_met_at is None else rule_met_at
-                if step >= min_steps:
-                    converged_at, rec["converged"] = step, True
-            trained = clock.train_s()  # up to this step, before this step's evaluation
-            with clock.paused():
-                if evaluate is not None and due(step, eval_every, num_steps):
-                    rec.update(_evaluate(evaluate, state, step, board))
-                if due(step, ckpt_every, num_steps) or converged_at is not None:
-                    ckpt.save(step, state, data_iter, {"history": history, "converged_at": converged_at,
-                                                       "rule_met_at": rule_met_at, "train_s": trained})
-            _log(rec, log, board, bar, learning_rate)
+            t2 = time.perf_counter()
+            feed.top_up()
+            wait = (t1 - t0) + (time.perf_counter() - t2)  # host time spent waiting for input
+            if pending is not None:
+                finish(*pending, last=False)
+            pending = (step, metrics, wait)
+            preempt = stop.at_step()  # every process, every step: the sync point needs it
+            stop.requested = stop.requested or preempt
+            done = step >= num_steps or converged_at is not None or stop.requested
+            if done or due(step, ckpt_every, num_steps) or (evaluate is not None and due(step, eval_every, num_steps)):
+                finish(*pending, last=True)
+                pending = None
+                done = done or converged_at is not None
     bar.close()
     board.close()
     ckpt.close()
+    if stop.requested and converged_at is None and step < num_steps:
+        raise Preempted(name, step, ckpt.directory)
     summary = {"name": name, "start_step": start, "end_step": step, "converged_at": converged_at,
                "rule_met_at": rule_met_at, "min_steps": min_steps, "loss_trend": loss_trend(history),
                **clock.summary(crops_per_step), "final_loss": history[-1] if history else None}

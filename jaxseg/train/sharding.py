@@ -8,12 +8,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-
-def initialize_distributed(coordinator: str | None, num_processes: int | None, process_id: int | None) -> None:
-    """Multi-host: call ``jax.distributed.initialize`` when a coordinator address is given."""
-    if coordinator:
-        jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
-                                   process_id=process_id)
+ROW_KEYS = ("image", "label")  # per-crop arrays, split over the devices; the rest is per step
 
 
 def data_mesh(devices=None) -> Mesh:
@@ -24,19 +19,29 @@ def replicate(tree: Any, mesh: Mesh) -> Any:
     return jax.device_put(tree, NamedSharding(mesh, P()))
 
 
+def host_shard() -> tuple[int, int]:
+    """(process index, process count): which rows of each global batch this host builds."""
+    return jax.process_index(), jax.process_count()
+
+
 def shard_batch(batch: dict, mesh: Mesh) -> dict:
-    """Shard arrays whose leading axis divides over the mesh; replicate the rest (small index
-    arrays). Every host builds the same global batch (pipelines are deterministic per step) and
-    contributes the rows of its own devices."""
-    n = mesh.devices.size
+    """A global batch from this host's part: ``image`` / ``label`` hold this host's rows (see
+    ``jaxseg.data.pipelines.host_rows``) and are split over the devices; the per-step arrays
+    (offsets, seeds, volume indices), the same on every host, are replicated. With one process
+    and a batch that does not divide over the devices, the rows are replicated instead."""
+    n, hosts = mesh.devices.size, jax.process_count()
     out = {}
     for k, v in batch.items():
         v = np.asarray(v)
-        spec = P("data") if v.ndim and v.shape[0] % n == 0 and k in ("image", "label") else P()
-        sharding = NamedSharding(mesh, spec)
-        if jax.process_count() == 1:
-            out[k] = jax.device_put(v, sharding)
-        else:
-            rows = np.array_split(v, jax.process_count())[jax.process_index()] if spec != P() else v
-            out[k] = jax.make_array_from_process_local_data(sharding, rows, v.shape)
+        if k not in ROW_KEYS or (hosts == 1 and v.shape[0] % n):
+            out[k] = jax.device_put(v, NamedSharding(mesh, P())) if hosts == 1 else \
+                jax.make_array_from_process_local_data(NamedSharding(mesh, P()), v, v.shape)
+            continue
+        global_rows = v.shape[0] * hosts
+        if global_rows % n:
+            raise ValueError(f"a global batch of {global_rows} crops does not split over the {n} devices; make "
+                             f"volumes_per_step x crops_per_volume a multiple of {n}")
+        sharding = NamedSharding(mesh, P("data"))
+        out[k] = jax.device_put(v, sharding) if hosts == 1 else \
+            jax.make_array_from_process_local_data(sharding, v, (global_rows, *v.shape[1:]))
     return out

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from jaxseg.run_settings import is_primary
+from jaxseg.distributed import is_primary
 
 
 class Board:
