@@ -57,6 +57,11 @@ def test_prepare_phantom_and_pipeline_benchmark(tmp_path):
     assert {r["hosts"] for r in rows} == {1, 2, 4}
 
 
+def test_scaling_table():
+    out = run_module("benchmarks.scaling", "--step_ms=30")
+    assert "92,783,842 parameters, 371 MB" in out and "| 64 | 8 |" in out
+
+
 def test_loop_overhead_benchmark(tmp_path):
     path = tmp_path / "loop.json"
     out = run_module("benchmarks.loop_overhead", "--step_ms=2", "--short=3", "--long=6", "--repeats=1", "--crop=16",

@@ -13,10 +13,13 @@ that evaluate or checkpoint, which need the state of that very step, wait for it
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import math
 import os
+import queue
 import statistics
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -118,6 +121,56 @@ class DeviceFeed:
             self.it.start_prefetch()
 
 
+class MetricsWriter:
+    """``metrics.jsonl`` and TensorBoard written by a background thread: the loop hands a row
+    over and goes on. ``flush`` waits until every row handed over is written (before a
+    checkpoint, so that a resumed run has every row up to its step)."""
+
+    def __init__(self, path: Path, board: Board, learning_rate: float | None):
+        self.board, self.lr = board, learning_rate
+        self.file = open(path if is_primary() else os.devnull, "a")
+        self.queue: queue.Queue = queue.Queue()
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="jaxseg-metrics", daemon=True)
+        self.thread.start()
+
+    def row(self, rec: dict) -> None:
+        self.queue.put(("row", rec))
+
+    def image(self, tag: str, step: int, rgb) -> None:
+        self.queue.put(("image", (tag, step, rgb)))
+
+    def flush(self) -> None:
+        self.queue.join()
+        if self.error is not None:
+            raise self.error
+
+    def close(self) -> None:
+        self.queue.put(None)
+        self.thread.join()
+        self.file.close()
+        self.board.close()
+        if self.error is not None:
+            raise self.error
+
+    def _run(self) -> None:
+        while (item := self.queue.get()) is not None:
+            try:
+                kind, value = item
+                if kind == "image":
+                    self.board.image(*value)
+                else:
+                    self.file.write(json.dumps(value) + "\n")
+                    self.file.flush()
+                    self.board.scalars(value["step"], {**{k: v for k, v in value.items() if k != "step"},
+                                                       **({"learning_rate": self.lr} if self.lr is not None else {})})
+            except BaseException as e:  # noqa: BLE001 - raised in the loop's thread at the next flush
+                self.error = self.error or e
+            finally:
+                self.queue.task_done()
+        self.queue.task_done()
+
+
 def due(step: int, every: int, last: int) -> bool:
     """A periodic action runs every ``every`` steps and at the last step (``every`` 0: never)."""
     return bool(every) and (step % every == 0 or step == last)
@@ -175,16 +228,21 @@ def run_loop(*, name: str, workdir: Path, state: Any, step_fn: Callable, data_it
         if last:
             trained = clock.train_s()  # up to this step, before its evaluation
             if evaluate is not None and due(k, eval_every, num_steps):
-                rec.update(_evaluate(evaluate, state, k, board))
+                rec.update(_evaluate(evaluate, state, k, writer))
+        writer.row(rec)
+        bar.set_postfix(loss=f"{loss:.4f}", crops_s=f"{rec['crops_per_s']:.1f}", wait=f"{data_wait * 1e3:.0f}ms",
+                        refresh=False)
+        bar.update(1)
+        if last:
             if due(k, ckpt_every, num_steps) or converged_at is not None or stop.requested:
+                writer.flush()  # every row up to the checkpoint's step is on disk
                 ckpt.save(k, state, feed, {"history": history, "converged_at": converged_at,
                                            "rule_met_at": rule_met_at, "train_s": trained})
-        _log(rec, log, board, bar, learning_rate)
-        if last:
             clock.restart()  # evaluation and checkpoint time is not training
 
     pending = None  # (step, metrics still on the device, data wait)
-    with StopRequest() as stop, open(metrics_path if is_primary() else os.devnull, "a") as log:
+    writer = MetricsWriter(metrics_path, board, learning_rate)
+    with StopRequest() as stop, contextlib.closing(writer):
         clock.restart()
         while not done:
             t0 = time.perf_counter()
@@ -206,7 +264,6 @@ def run_loop(*, name: str, workdir: Path, state: Any, step_fn: Callable, data_it
                 pending = None
                 done = done or converged_at is not None
     bar.close()
-    board.close()
     ckpt.close()
     if stop.requested and converged_at is None and step < num_steps:
         raise Preempted(name, step, ckpt.directory)
@@ -226,21 +283,11 @@ def _stop_non_finite(name: str, loss: float, step: int, ckpt: Checkpointer):
         f"({'step ' + str(last) if last is not None else 'none'}) in {ckpt.directory} is intact.")
 
 
-def _evaluate(evaluate, state, step: int, board: Board) -> dict:
+def _evaluate(evaluate, state, step: int, writer: MetricsWriter) -> dict:
     ev = dict(evaluate(state, step))
     for tag, rgb in ev.pop("images", {}).items():
-        board.image(tag, step, rgb)
+        writer.image(tag, step, rgb)
     return ev
-
-
-def _log(rec: dict, log, board: Board, bar, learning_rate: float | None) -> None:
-    log.write(json.dumps(rec) + "\n")
-    log.flush()
-    board.scalars(rec["step"], {**{k: v for k, v in rec.items() if k != "step"},
-                                **({"learning_rate": learning_rate} if learning_rate is not None else {})})
-    bar.set_postfix(loss=f"{rec['loss']:.4f}", crops_s=f"{rec['crops_per_s']:.1f}",
-                    wait=f"{rec['data_wait_s'] * 1e3:.0f}ms")
-    bar.update(1)
 
 
 def _truncate_metrics(path: Path, last_step: int) -> None:
