@@ -3,7 +3,7 @@
 # each part runs under its own timeout and rewrites its JSON after every row, so a part cut short
 # still leaves what it measured; at most 7 files land in OUT_DIR (summary.md last).
 #   bash benchmarks/run_gpu.sh OUT_DIR
-# On the offline GPU machine, from the project root (see ../shared/offline-wheels.sh):
+# On an offline GPU machine, from the project root, with the missing wheels in .whl/ (benchmarks/README.md):
 #   S=$(mktemp -d); python3 -m pip install -q --no-index --no-deps --no-compile --target $S .whl/*.whl
 #   export PYTHONPATH=$S:$PWD; bash benchmarks/run_gpu.sh "$OUT"
 # JAXSEG_BENCH_SIZE=tiny runs the same parts at toy sizes (CI runs it on CPU to keep it working).

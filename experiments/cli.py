@@ -30,6 +30,9 @@ def _fail(message: str, code: int) -> None:
 
 def run(main: Callable) -> None:
     def wrapped(argv):
+        from absl import logging
+
+        logging.set_verbosity(logging.WARNING)  # no library INFO noise (JAX backends, orbax saves) before ours
         try:
             return main(argv)
         except distributed.Preempted as e:

@@ -6,6 +6,7 @@
 """
 
 import json
+import sys
 from pathlib import Path
 
 from absl import flags
@@ -29,20 +30,31 @@ def main(argv):
 
     from jaxseg.compilation_cache import enable_compilation_cache
     from jaxseg.errors import UserError
+    from jaxseg.io import atomic_write_text, check_writable
     from jaxseg.predict import load_model, model_predictor, predict_file
 
     src = Path(FLAGS.input)
     scans = sorted(p for p in src.iterdir() if p.name.endswith((".nii", ".nii.gz"))) if src.is_dir() else [src]
     if not scans or not all(p.is_file() for p in scans):
         raise UserError(f"{src}: no .nii / .nii.gz scan found")
+    out = check_writable(FLAGS.output)  # before any model is loaded or scan segmented
     enable_compilation_cache(FLAGS.compilation_cache)
     model, params, prep = load_model(FLAGS.model, FLAGS.dtype)
     predict = model_predictor(model, params, prep, flip_tta=FLAGS.tta)
     results = []
     for path in tqdm(scans, desc="predict", unit="scan"):
-        results.append(predict_file(path, predict, prep, FLAGS.output, FLAGS.probabilities, FLAGS.figures))
-        print(f"{path.name}: {results[-1]['segmentation']} voxels {results[-1]['voxels']}", flush=True)
-    (Path(FLAGS.output) / "predictions.json").write_text(json.dumps(results, indent=1))
+        try:  # one scan that cannot be segmented must not cost the others
+            r = {"status": "ok", **predict_file(path, predict, prep, out, FLAGS.probabilities, FLAGS.figures)}
+            print(f"{path.name}: {r['segmentation']} voxels {r['voxels']}", flush=True)
+        except UserError as e:
+            r = {"input": str(path), "status": "failed", "error": str(e)}
+            print(f"{path.name}: FAILED: {e}", file=sys.stderr, flush=True)
+        results.append(r)
+        atomic_write_text(out / "predictions.json", json.dumps(results, indent=1))  # complete after every scan
+    failed = [r for r in results if r["status"] != "ok"]
+    if failed:
+        raise UserError(f"{len(failed)} of {len(results)} scan(s) could not be segmented (see {out / 'predictions.json'}); "
+                        f"the other {len(results) - len(failed)} were written")
 
 
 if __name__ == "__main__":

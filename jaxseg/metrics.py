@@ -108,7 +108,8 @@ def surface_metrics(pred: np.ndarray, truth: np.ndarray, spacing: Sequence[float
 
 
 def overlap_metrics(pred: np.ndarray, truth: np.ndarray, ignore_empty: bool = True) -> dict[str, float]:
-    """dice (= f1), precision, recall and the raw tp / fp / fn counts."""
+    """dice, f1 (= dice, but 0 rather than NaN for a prediction on an empty truth), precision,
+    recall and the raw tp / fp / fn counts."""
     pred, truth = np.asarray(pred, bool), np.asarray(truth, bool)
     tp = int(np.sum(pred & truth))
     fp = int(np.sum(pred & ~truth))
@@ -119,7 +120,8 @@ def overlap_metrics(pred: np.ndarray, truth: np.ndarray, ignore_empty: bool = Tr
     else:
         dice = 2 * tp / denom if denom else 1.0
     return {
-        "dice": dice, "f1": dice,
+        "dice": dice,
+        "f1": 2 * tp / denom if denom else math.nan,  # MONAI's confusion-matrix F1: 0 for a false alarm
         "precision": tp / (tp + fp) if tp + fp else math.nan,
         "recall": tp / (tp + fn) if tp + fn else math.nan,
         "tp": tp, "fp": fp, "fn": fn,
@@ -175,7 +177,8 @@ def pooled_precision_recall(cases: Iterable[Mapping[str, Mapping[str, float]]]) 
 def aggregate(cases: Iterable[Mapping[str, Mapping[str, float]]],
               metrics: Sequence[str] = METRICS) -> dict[str, dict[str, dict[str, float]]]:
     """Mean and std per class and metric over cases, skipping NaN (counted in ``n_nan``);
-    inf values are kept (a mean of inf says a structure was missed) and counted in ``n_inf``."""
+    inf values are kept (a mean of inf says a structure was missed) and counted in ``n_inf``.
+    A metric with no valid case has mean 0 and ``n`` 0, as MONAI's ``do_metric_reduction``."""
     values: dict[str, dict[str, list[float]]] = {}
     for case in cases:
         for cls, m in case.items():
@@ -188,7 +191,7 @@ def aggregate(cases: Iterable[Mapping[str, Mapping[str, float]]],
             a = np.asarray(vals, float)
             ok = a[~np.isnan(a)]
             out[cls][name] = {
-                "mean": float(ok.mean()) if ok.size else math.nan,
+                "mean": float(ok.mean()) if ok.size else 0.0,
                 "std": float(ok.std()) if ok.size and np.isfinite(ok).all() else (math.nan if not ok.size else math.inf),
                 "n": int(ok.size), "n_nan": int(a.size - ok.size), "n_inf": int(np.isinf(ok).sum()),
             }

@@ -55,8 +55,7 @@ def model_card(cfg, cache) -> dict:
 def load_model(run: str | Path, dtype: str | None = None) -> tuple[Any, Any, Preprocessing]:
     """``(model, params, preprocessing)`` of a trained run: its output folder, or one weights file
     inside it. ``dtype`` overrides the compute dtype (e.g. 'bfloat16' on a GPU)."""
-    from flax import serialization
-
+    from jaxseg.io import load_weights
     from jaxseg.models import init_params, unetr_from_preset
 
     run = Path(run)
@@ -70,7 +69,7 @@ def load_model(run: str | Path, dtype: str | None = None) -> tuple[Any, Any, Pre
     dt = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[dtype or card["dtype"]]
     model = unetr_from_preset(card["model"], in_channels=card["in_channels"], out_channels=card["out_channels"],
                               img_size=card["crop_size"], dtype=dt)
-    params = serialization.from_bytes(init_params(model), weights.read_bytes())
+    params = load_weights(weights, init_params(model))
     prep = Preprocessing(tuple(card["target_spacing"]), card["is_ct"], tuple(card["ct_range"]), card["in_channels"],
                          tuple(card["class_names"]), card["multilabel"], card["crop_size"], card["overlap"],
                          card["sw_batch_size"])

@@ -18,7 +18,7 @@ from jaxseg.errors import UserError
 from jaxseg.evaluate import plot_loss_curves
 from jaxseg.models.unetr import STAGES
 from jaxseg.distributed import is_primary, sole_writer
-from jaxseg.run_settings import atomic_write_text
+from jaxseg.io import atomic_write_text
 from jaxseg.stats import bootstrap_ci, mean_sd
 from jaxseg.workflow import ensure_data, run_evaluation, run_finetuning, run_pretraining
 
@@ -131,7 +131,9 @@ def convergence_rows(pre: dict) -> list[dict]:
             rows.append({"objective": obj, "seed": seed, "stage": stage, "steps": st["end_step"],
                          "rule_met_at": st.get("rule_met_at"), "converged_at": st["converged_at"],
                          "capped": st["converged_at"] is None, "loss_trend": st.get("loss_trend"),
-                         "final_loss": st["final_loss"], "train_s": st["train_s"]})
+                         "final_loss": st["final_loss"], "final_mean_loss": st.get("final_mean_loss"),
+                         "chance_loss": st.get("chance_loss"), "loss_vs_chance": st.get("loss_vs_chance"),
+                         "learned": st.get("learned"), "train_s": st["train_s"]})
     return rows
 
 
@@ -144,6 +146,12 @@ def _fmt(v) -> str:
 def _pm(ms) -> str:
     m, s = ms
     return _fmt(m) if s is None or math.isnan(s) else f"{_fmt(m)} ± {_fmt(s)}"
+
+
+def _chance_cell(c: dict) -> str:
+    if c.get("loss_vs_chance") is None:
+        return "-"
+    return f"{100 * c['loss_vs_chance']:.1f}%" + ("" if c["learned"] else " **did not learn**")
 
 
 def report_markdown(result: dict) -> str:
@@ -175,11 +183,16 @@ def report_markdown(result: dict) -> str:
     if result["convergence"]:
         out += ["## Pre-training convergence (the paper's rule: loss within 1% of the mean of the previous 10)", "",
                 "| objective | seed | stage | steps | rule first met | stopped by | loss trend (last 10 vs 10 before) "
-                "| final loss | train time (s) |", "|---|---|---|---|---|---|---|---|---|"]
+                "| final loss (mean of last 10) | loss at chance | final / chance | train time (s) |",
+                "|---|---|---|---|---|---|---|---|---|---|---|"]
         for c in result["convergence"]:
             stop = "step limit" if c["capped"] else "rule"
             trend = "-" if c["loss_trend"] is None else f"{100 * c['loss_trend']:+.1f}%"
             out.append(f"| {c['objective']} | {c['seed']} | {c['stage']} | {c['steps']} | "
                        f"{c['rule_met_at'] if c['rule_met_at'] is not None else 'never'} | {stop} | {trend} | "
-                       f"{_fmt(c['final_loss'])} | {c['train_s']:.1f} |")
+                       f"{_fmt(c.get('final_mean_loss'))} | {_fmt(c.get('chance_loss'))} | "
+                       f"{_chance_cell(c)} | {c['train_s']:.1f} |")
+        out += ["", "final / chance: the final loss as a fraction of the loss when all similarities are equal "
+                    "(comparative: ln 2; contrastive: ln P); a stage within 2% of chance (or above it) did not learn.",
+                ""]
     return "\n".join(out) + "\n"

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -20,13 +21,14 @@ from jaxseg.errors import UserError
 from jaxseg.predict import MODEL_CARD, model_card
 from jaxseg.probe import representation_probe
 from jaxseg.distributed import barrier, is_primary, sole_writer
-from jaxseg.run_settings import atomic_write_text, claim_output_dir, file_digest
+from jaxseg.io import atomic_write_text, file_digest, load_weights, save_weights
+from jaxseg.run_settings import claim_output_dir, precheck_output_dir
 from jaxseg.evaluate import evaluate_cases, mean_foreground_dice, plot_loss_curves
 from jaxseg.inference import predict_volume
 from jaxseg import models
 from jaxseg.models import unetr_from_preset
 from jaxseg.models.unetr import STAGES, UNETR
-from jaxseg.train.checkpoint import check_workdir, load_params, save_params
+from jaxseg.train.checkpoint import check_workdir
 from jaxseg.train.finetune import make_finetune_step
 from jaxseg.train.loop import converged, run_loop
 from jaxseg.train.pretrain import make_pretrain_step, pretrain_state
@@ -73,23 +75,32 @@ def init_params(model: UNETR, cfg: Config) -> Any:
 
 
 def _job_setup(cfg: Config, workdir, out_name: str, progress: bool, job: str, overwrite: bool = False,
-               extra: dict | None = None, data: Data | None = None, **inputs: str | Path | None):
-    """(root, cache, split, output dir, model, freshly initialised params) for one job; ``data``
-    is ``ensure_data``'s result when the caller has it already. The output dir records the
-    settings (and input files, by digest) that its results depend on."""
+               extra: dict | None = None, data: Data | None = None, weights: tuple[str, str | Path | None] | None = None):
+    """(root, cache, split, output dir, model, params) for one job; ``data`` is
+    ``ensure_data``'s result when the caller has it already; ``weights`` = (name, path or None)
+    an input weights file (``init``, ``params``), verified and loaded into ``params`` before the
+    output folder is claimed. The output dir records the settings (and the input file, by digest)
+    that its results depend on; other settings are refused before any data is (re)prepared."""
     root = check_workdir(workdir)
+    name, path = weights or (None, None)
+    inputs = {} if name is None else {name: None if path is None else {"path": str(Path(path).absolute())}}
+    precheck_output_dir(root / out_name, {**job_settings(cfg, job), **inputs, **(extra or {})}, overwrite,
+                        ignore=("data", *inputs))
     cache, split = data if data is not None else ensure_data(cfg, root, progress)
     if job == "finetune" and cfg.finetune.label_budget > len(split["train"]):
         raise UserError(f"label_budget {cfg.finetune.label_budget} exceeds the {len(split['train'])} labelled training "
                         f"cases; use 1..{len(split['train'])} (0: all)")
-    settings = {**job_settings(cfg, job), "data": file_digest(Path(cache.root) / "cache.json"),
-                **{k: None if v is None else {"path": str(Path(v).absolute()), "sha256": file_digest(v)}
-                   for k, v in inputs.items()}, **(extra or {})}
+    model = make_model(cfg, cache)
+    params = init_params(model, cfg)
+    if path is not None:
+        params = load_weights(path, params)
+        inputs[name]["sha256"] = file_digest(path)
+    settings = {**job_settings(cfg, job), "data": file_digest(Path(cache.root) / "cache.json"), **inputs,
+                **(extra or {})}
     out = claim_output_dir(root / out_name, settings, overwrite)
     if is_primary() and job in ("pretrain", "finetune"):  # what load_model needs beside the weights
         atomic_write_text(out / MODEL_CARD, json.dumps(model_card(cfg, cache), indent=1))
-    model = make_model(cfg, cache)
-    return root, cache, split, check_workdir(out), model, init_params(model, cfg)
+    return root, cache, split, check_workdir(out), model, params
 
 
 def run_pretraining(cfg: Config, workdir: str | Path, out_name: str = "pretrain",
@@ -125,18 +136,33 @@ def run_pretraining(cfg: Config, workdir: str | Path, out_name: str = "pretrain"
                 should_stop=functools.partial(converged, window=p.convergence_window, rtol=p.convergence_rtol),
                 min_steps=p.min_steps, progress=progress, learning_rate=cfg.lr)
             params = state.params
-            summaries[stage] = summary
+            summaries[stage] = summary = _against_chance(summary, cfg, stage)
             probes[stage] = probe(params)
         total = {"objective": p.objective, "stages": summaries, "probe": probes,
                  "train_s": sum(s["train_s"] for s in summaries.values()),
                  "compile_s": sum(s["compile_s"] or 0.0 for s in summaries.values()),
                  "steps": sum(s["end_step"] for s in summaries.values())}
         if is_primary():
-            save_params(workdir / "params.msgpack", params)
+            save_weights(workdir / "params.msgpack", params)
             atomic_write_text(workdir / "pretrain_summary.json", json.dumps(total, indent=1))
             plot_loss_curves({f"{p.objective} {s}": workdir / s / "metrics.jsonl" for s in summaries},
                              workdir / "pretrain_loss.png")
         return params, total
+
+
+def _against_chance(summary: dict, cfg: Config, stage: str) -> dict:
+    """The stage's loss at chance for its objective and settings, its final loss (mean of the
+    last 10 steps) as a fraction of it, and a warning when it ends within 2% of chance."""
+    from jaxseg.losses import DID_NOT_LEARN, chance_loss, learning_report
+
+    p = cfg.pretrain
+    chance = chance_loss(p.objective, p.volumes_per_step * p.crops_per_volume, p.num_partitions, p.temperature)
+    report = learning_report(summary["final_mean_loss"], chance) if summary["final_mean_loss"] is not None else {}
+    if report and not report["learned"] and is_primary():
+        print(f"warning: pre-training stage {stage} ({p.objective}) ended at {100 * report['loss_vs_chance']:.1f}% of "
+              f"the loss at chance ({chance:.3f}); above {100 * DID_NOT_LEARN:.0f}% it did not learn", file=sys.stderr,
+              flush=True)
+    return {**summary, **report}
 
 
 def run_finetuning(cfg: Config, workdir: str | Path, init: str | Path | None = None,
@@ -148,10 +174,8 @@ def run_finetuning(cfg: Config, workdir: str | Path, init: str | Path | None = N
     set). Data in ``workdir``, outputs in ``workdir/out_name``. Returns (best params, summary)."""
     with sole_writer(Path(workdir) / out_name):
         _, cache, split, workdir, model, params = _job_setup(cfg, workdir, out_name, progress, "finetune", overwrite,
-                                                             data=data, init=init or None)
+                                                             data=data, weights=("init", init or None))
         mesh = data_mesh()
-        if init:
-            params = load_params(init, params)
         multilabel = cache.regions is not None
         ids = label_budget(split["train"], cfg.finetune.label_budget or None, cfg.seed)
         dcfg = cfg.finetune_data()
@@ -172,7 +196,7 @@ def run_finetuning(cfg: Config, workdir: str | Path, init: str | Path | None = N
             if d > best["val_dice"]:  # the same on every process (never a file check: hosts see files late)
                 best.update(val_dice=d, step=step)
                 if is_primary():
-                    save_params(best_path, state.params)
+                    save_weights(best_path, state.params)
                     atomic_write_text(best_json, json.dumps(best))
             return {"val_dice": d, "images": {} if rgb is None else {"validation/overlay": rgb}}
 
@@ -187,10 +211,10 @@ def run_finetuning(cfg: Config, workdir: str | Path, init: str | Path | None = N
         summary.update(best=best, label_cases=ids)
         if is_primary():
             if not best_path.exists():
-                save_params(best_path, state.params)
+                save_weights(best_path, state.params)
             atomic_write_text(workdir / "finetune_summary.json", json.dumps(summary, indent=1))
         barrier("finetune done")
-        return load_params(best_path, state.params), summary
+        return load_weights(best_path, state.params), summary
 
 
 def run_evaluation(cfg: Config, workdir: str | Path, params_path: str | Path, out_name: str = "eval",
@@ -199,8 +223,8 @@ def run_evaluation(cfg: Config, workdir: str | Path, params_path: str | Path, ou
     """Evaluate ``params_path`` on the held-out ``split_name`` cases of ``workdir``'s data."""
     with sole_writer(Path(workdir) / out_name):
         _, cache, split, out, model, params = _job_setup(cfg, workdir, out_name, progress, "evaluate", overwrite,
-                                                         extra={"split": split_name}, data=data, params=params_path)
-        params = load_params(params_path, params)
+                                                         extra={"split": split_name}, data=data,
+                                                         weights=("params", params_path))
         multilabel = cache.regions is not None
         apply_fn = jax.jit(model.apply)
 

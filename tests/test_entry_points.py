@@ -77,6 +77,10 @@ def test_pretrain_finetune_evaluate_entry_points(tmp_path):
     assert "pre-training (contrastive): 4 steps" in out
     assert "probe, partition of anatomy from enc4 features (chance 0.25): random_init " in out and "-> decoder " in out
     assert (wd / "pretrain" / "params.msgpack").is_file() and (wd / "pretrain" / "pretrain_loss.png").is_file()
+    stages = json.loads((wd / "pretrain" / "pretrain_summary.json").read_text())["stages"]
+    for st in stages.values():  # every stage against its loss at chance (contrastive, P = 4: ln 4)
+        assert abs(st["chance_loss"] - np.log(4)) < 1e-4 and isinstance(st["learned"], bool)
+        assert abs(st["loss_vs_chance"] - st["final_mean_loss"] / st["chance_loss"]) < 1e-9
     recs = [json.loads(l) for l in (wd / "pretrain" / "encoder" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in recs] == [1, 2] and all("crops_per_s" in r and "data_wait_s" in r for r in recs)
     md5 = (wd / "pretrain" / "params.msgpack").read_bytes()
@@ -105,7 +109,9 @@ def test_pretrain_finetune_evaluate_entry_points(tmp_path):
     seg = nib.load(str(tmp_path / "pred" / scan.name))
     assert seg.shape == nib.load(str(scan)).shape[:3] and (tmp_path / "pred" / "predictions.json").is_file()
     out = run_module("experiments.predict", f"--model={wd}", f"--input={scan}", f"--output={tmp_path / 'p2'}", rc=2)
-    assert "not a trained run" in out
+    assert "not a trained run" in out and "Unable to initialize backend" not in out
+    _batch_prediction_finishes(wd, scan, tmp_path)
+    _damaged_inputs_are_refused_before_any_output(wd, scan, common, tmp_path)
     import jaxseg
 
     model, params, prep = jaxseg.load_model(wd / "finetune")  # one call: model, weights, preprocessing
@@ -115,6 +121,58 @@ def test_pretrain_finetune_evaluate_entry_points(tmp_path):
         orig = nib.load(str(next(wd.glob(f"phantom_spleen*/imagesTr/{cid}.nii.gz"))))
         assert pred.shape == orig.shape[:3]
         np.testing.assert_allclose(pred.affine, orig.affine, atol=1e-5)
+
+
+def _batch_prediction_finishes(wd, scan, tmp_path):
+    """A folder (ok, NaN, ok): the bad scan is reported and skipped, the others written, every
+    scan listed with its status, exit non-zero."""
+    import nibabel as nib
+
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    for name in ("a.nii.gz", "c.nii.gz"):
+        (folder / name).write_bytes(scan.read_bytes())
+    img = nib.load(str(scan))
+    nib.save(nib.Nifti1Image(np.full(img.shape, np.nan, np.float32), img.affine), str(folder / "b.nii.gz"))
+    out = run_module("experiments.predict", f"--model={wd / 'finetune'}", f"--input={folder}",
+                     f"--output={tmp_path / 'batch'}", rc=2)
+    assert "b.nii.gz: FAILED" in out and "1 of 3 scan(s) could not be segmented" in out
+    listed = json.loads((tmp_path / "batch" / "predictions.json").read_text())
+    assert [(Path(r["input"]).name, r["status"]) for r in listed] == [("a.nii.gz", "ok"), ("b.nii.gz", "failed"),
+                                                                      ("c.nii.gz", "ok")]
+    assert (tmp_path / "batch" / "a.nii.gz").is_file() and (tmp_path / "batch" / "c.nii.gz").is_file()
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")  # a folder cannot be made under a file, whoever runs the test (root included)
+    out = run_module("experiments.predict", f"--model={wd / 'finetune'}", f"--input={folder}",
+                     f"--output={blocker / 'out'}", rc=2)
+    assert "is not writable" in out and "Traceback" not in out and "voxels" not in out  # before any scan
+
+
+def _damaged_inputs_are_refused_before_any_output(wd, scan, common, tmp_path):
+    bad = tmp_path / "bad_run"
+    bad.mkdir()
+    for f in ("model.json", "best.msgpack"):
+        (bad / f).write_bytes((wd / "finetune" / f).read_bytes())
+    data = bytearray((bad / "best.msgpack").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    data[len(data) // 2 + 5] ^= 0xFF
+    (bad / "best.msgpack").write_bytes(bytes(data))
+    weights = bad / "best.msgpack"
+    for module, args, out_name in (("experiments.finetune", [f"--init={weights}", "--out_name=ft_bad"], "ft_bad"),
+                                   ("experiments.evaluate", [f"--params={weights}", "--out_name=ev_bad"], "ev_bad"),
+                                   ("experiments.predict", [f"--model={weights}", f"--input={scan}",
+                                                            f"--output={tmp_path / 'pbad'}"], None)):
+        extra = common if module != "experiments.predict" else []
+        out = run_module(module, *extra, *args, rc=2)
+        assert f"error: {weights}: checksum mismatch" in out and "Traceback" not in out, out
+        if out_name:
+            assert not (wd / out_name).exists()  # no output folder claimed
+    # a refused rerun changes nothing: the settings are compared before data is (re)prepared
+    index = (wd / "cache" / "cache.json").read_bytes()
+    out = run_module("experiments.pretrain", *common, "--objective=contrastive", "--stage1_steps=2",
+                     "--stage2_steps=2", "--target_spacing=2", rc=2)
+    assert "target_spacing: 1.0 then, 2.0 now" in out
+    assert (wd / "cache" / "cache.json").read_bytes() == index
 
 
 def test_table1_main_job_tiny(tmp_path):

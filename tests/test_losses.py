@@ -1,6 +1,7 @@
 """Pre-training objectives and segmentation losses against slow, obviously-correct NumPy loops."""
 
 import itertools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -223,3 +224,33 @@ def test_dice_ce_errors():
             L.dice_ce_loss(jnp.zeros((1, 2, 2, 2, 2)), jnp.full((1, 2, 2, 2), bad))
     # under jit the values are unknown: no check, no error (the training step's labels come from the pipeline)
     assert jnp.isfinite(jax.jit(L.dice_ce_loss)(jnp.zeros((1, 2, 2, 2, 2)), jnp.zeros((1, 2, 2, 2), int)))
+
+
+@pytest.mark.parametrize("n, p, t", [(4, 4, 1.0), (2, 8, 0.1), (6, 3, 0.5)])
+def test_chance_levels_equal_the_closed_forms(n, p, t):
+    from jaxseg.losses import chance_loss
+
+    assert chance_loss("comparative", n, p, t) == pytest.approx(math.log(2), rel=1e-4)
+    assert chance_loss("comparative_code", n, p, t) == pytest.approx(math.log(2), rel=1e-4)
+    assert chance_loss("comparative_sampled", n, p, t) == pytest.approx(math.log(2), rel=1e-4)
+    assert chance_loss("contrastive", n, p, t) == pytest.approx(math.log(p), rel=1e-4)  # 1 positive, P-1 negatives
+    assert chance_loss("contrastive_global", n, p, t) == pytest.approx(math.log(1 + n * (p - 1)), rel=1e-4)
+
+
+def test_a_constant_encoder_is_flagged_as_not_learning():
+    from jaxseg.losses import chance_loss, get_objective, learning_report
+
+    n, p = 4, 4
+    constant = jnp.full((n, p, 8, 16), 0.3)  # what a collapsed encoder gives every slice
+    rng = np.random.default_rng(0)
+    parts = rng.normal(size=(1, p, 8, 16))
+    informative = jnp.asarray(parts + 0.1 * rng.normal(size=(n, p, 8, 16)), jnp.float32)  # partitions told apart
+    for name in ("comparative", "contrastive"):
+        chance = chance_loss(name, n, p)
+        flat = float(get_objective(name)(constant))
+        assert flat == pytest.approx(chance, rel=1e-5)
+        assert learning_report(flat, chance)["learned"] is False
+        assert learning_report(0.99 * chance, chance)["learned"] is False  # within 2%
+        good = float(get_objective(name)(informative))
+        rep = learning_report(good, chance)
+        assert rep["learned"] is True and rep["loss_vs_chance"] == pytest.approx(good / chance)

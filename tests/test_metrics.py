@@ -119,3 +119,48 @@ def test_aggregate_and_pooled():
     pooled = M.pooled_precision_recall(cases)["1"]
     tp = sum(c["1"]["tp"] for c in cases); fp = sum(c["1"]["fp"] for c in cases)
     assert pooled["precision"] == pytest.approx(tp / (tp + fp))
+
+
+def test_empty_truth_f1_and_all_nan_aggregation_as_monai_decides():
+    from monai.metrics import ConfusionMatrixMetric, HausdorffDistanceMetric
+
+    pred, truth = np.zeros((1, 1, 8, 8, 8), np.float32), np.zeros((1, 1, 8, 8, 8), np.float32)
+    pred[0, 0, 2:4, 2:4, 2:4] = 1  # a false alarm on an empty truth
+    cm = ConfusionMatrixMetric(metric_name="f1 score", include_background=True)
+    cm(torch.from_numpy(pred), torch.from_numpy(truth))
+    ref_f1 = float(cm.aggregate()[0])
+    m = M.overlap_metrics(pred[0, 0] > 0, truth[0, 0] > 0)
+    assert m["f1"] == ref_f1 == 0.0 and math.isnan(m["dice"])  # Dice still ignores an empty truth
+    # Hausdorff over cases that are all NaN (both masks empty): MONAI reduces to (0, not_nans 0)
+    hd = HausdorffDistanceMetric(include_background=True, percentile=95, get_not_nans=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hd(torch.zeros(2, 1, 8, 8, 8), torch.zeros(2, 1, 8, 8, 8))
+        ref_mean, ref_n = (float(v) for v in hd.aggregate())
+    cases = [M.case_metrics(np.zeros((8, 8, 8), int), np.zeros((8, 8, 8), int), num_classes=2) for _ in range(2)]
+    agg = M.aggregate(cases)["1"]["hd95"]
+    assert (agg["mean"], agg["n"]) == (ref_mean, ref_n) == (0.0, 0)
+
+
+def test_single_channel_dice_warns_as_monai_and_out_of_range_labels_poison_the_jitted_loss():
+    import jax
+    import jax.numpy as jnp
+    from monai.losses import DiceLoss
+
+    from jaxseg.losses import dice_ce_loss, dice_loss
+
+    logits = np.random.default_rng(0).normal(size=(1, 4, 4, 4, 1)).astype(np.float32)
+    with pytest.warns(UserWarning, match="single channel prediction, `include_background=False` ignored") as ours:
+        dice_loss(jnp.asarray(logits), jnp.ones_like(jnp.asarray(logits)), "sigmoid", include_background=False)
+    with pytest.warns(UserWarning, match="single channel prediction, `include_background=False` ignored"):
+        DiceLoss(sigmoid=True, include_background=False)(torch.from_numpy(logits).permute(0, 4, 1, 2, 3),
+                                                         torch.ones(1, 1, 4, 4, 4))
+    assert len(ours) == 1
+    two = jnp.asarray(np.random.default_rng(1).normal(size=(1, 4, 4, 4, 2)).astype(np.float32))
+    labels = np.zeros((1, 4, 4, 4), np.int32)
+    labels[0, 0, 0, 0] = 5
+    with pytest.raises(ValueError, match="must lie in \\[0, 1\\]"):
+        dice_ce_loss(two, jnp.asarray(labels))  # eager: refused
+    jitted = jax.jit(dice_ce_loss)
+    assert math.isnan(float(jitted(two, jnp.asarray(labels))))  # under jit: NaN, never a plausible number
+    assert math.isfinite(float(jitted(two, jnp.asarray(np.minimum(labels, 1)))))

@@ -16,7 +16,8 @@ from jaxseg.errors import UserError
 
 from jaxseg.config import get_config
 from jaxseg.data import PretrainDataConfig, make_iterator, pretrain_dataset
-from jaxseg.train.checkpoint import Checkpointer, check_workdir, load_params, save_params
+from jaxseg.io import load_weights, save_weights
+from jaxseg.train.checkpoint import Checkpointer, check_workdir
 from jaxseg.train.loop import NonFiniteLossError, converged, run_loop
 from jaxseg.train.pretrain import make_pretrain_step, pretrain_state
 from jaxseg.workflow import init_params, make_model
@@ -277,8 +278,8 @@ def test_workdir_checks_and_params_round_trip(tmp_path):
     with pytest.raises(UserError, match="MiB free"):
         check_workdir(tmp_path / "w", min_free_bytes=2**62)
     params = {"a": np.arange(3.0), "b": {"c": np.ones((2, 2))}}
-    save_params(tmp_path / "p.msgpack", params)
-    back = load_params(tmp_path / "p.msgpack", params)
+    save_weights(tmp_path / "p.msgpack", params)
+    back = load_weights(tmp_path / "p.msgpack", params)
     np.testing.assert_array_equal(back["b"]["c"], params["b"]["c"])
     assert not list(tmp_path.glob("*.tmp"))
 
@@ -321,3 +322,106 @@ np.testing.assert_allclose(traj[1], traj[0], rtol=2e-5)
     proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "TRAJ" in proc.stdout
+
+
+def _data_files(step_dir: Path) -> list[Path]:
+    """The state's data files (OCDBT keeps several; which one holds the arrays varies)."""
+    return [p for p in (step_dir / "state").rglob("*") if p.is_file() and p.parent.name == "d"]
+
+
+@pytest.mark.parametrize("damage", ["truncated", "metadata deleted", "garbage"])
+def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_step(tmp_path, damage, capfd):
+    losses = lambda k: 1.0 / k
+    full, _ = _toy_loop(tmp_path / "full", losses, 8, ckpt_every=2)
+    _toy_loop(tmp_path / "cut", losses, 6, ckpt_every=2)  # keeps steps 4 and 6
+    step6 = tmp_path / "cut" / "checkpoints" / "6"
+    for i, data in enumerate(_data_files(step6)):
+        if damage == "truncated":
+            data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
+        elif damage == "garbage":
+            data.write_bytes(np.random.default_rng(i).bytes(data.stat().st_size))
+    if damage == "metadata deleted":
+        (step6 / "state" / "_METADATA").unlink()
+    resumed, summary = _toy_loop(tmp_path / "cut", losses, 8, ckpt_every=2)
+    err = capfd.readouterr().err
+    assert "checkpoint step 6 in" in err and "cannot be read" in err and "resuming from step 4" in err
+    assert len([l for l in err.splitlines() if "cannot be read" in l]) == 1  # one line, no traceback
+    assert summary["start_step"] == 4 and int(resumed.step) == 8
+    np.testing.assert_array_equal(np.asarray(resumed.params["w"]), np.asarray(full.params["w"]))
+
+
+def test_no_readable_checkpoint_is_one_error_naming_the_folder(tmp_path):
+    _toy_loop(tmp_path, lambda k: 1.0, 4, ckpt_every=2)
+    for step in (2, 4):
+        (tmp_path / "checkpoints" / str(step) / "state" / "_METADATA").unlink()
+    with pytest.raises(UserError, match=f"{tmp_path / 'checkpoints'}: no readable checkpoint \\(steps 4, 2"):
+        _toy_loop(tmp_path, lambda k: 1.0, 6, ckpt_every=2)
+
+
+def _fill_disk_run(workdir):
+    """A toy run whose checkpoints (1.6 MB each) outgrow a 3 MB disk at the second save."""
+    import grain
+
+    from jaxseg.train.state import TrainState
+
+    def step_fn(state, batch):
+        return state.replace(step=state.step + 1, params={"w": state.params["w"] + 1}), {"loss": jnp.float32(1.0)}
+
+    ds = grain.MapDataset.range(100).map(lambda k: {"x": np.zeros(1, np.float32)})
+    w = jnp.asarray(np.random.default_rng(0).random(400_000, np.float32))
+    return run_loop(name="fill", workdir=workdir, state=TrainState(step=jnp.int32(0), params={"w": w}, opt_state=()),
+                    step_fn=step_fn, data_iter=make_iterator(ds, 1), num_steps=20, prepare_batch=lambda b: b,
+                    crops_per_step=1, progress=False, ckpt_every=1)
+
+
+def test_a_disk_that_fills_during_training_is_named_in_one_line(tmp_path):
+    """On a real 3 MB tmpfs (the suite runs as root, as CI does)."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mnt)], check=True)
+    try:
+        with pytest.raises(UserError) as e:
+            _fill_disk_run(mnt / "w")
+        msg = str(e.value)
+        assert msg.startswith(f"{mnt / 'w'}") and "the disk is full" in msg and "last good checkpoint is step" in msg
+        assert "\n" not in msg
+        assert not list((mnt / "w" / "checkpoints").glob("*orbax-checkpoint-tmp*"))  # temporaries removed
+    finally:
+        subprocess.run(["umount", str(mnt)], check=False)
+
+
+def test_a_read_only_work_dir_during_training_is_named(tmp_path, monkeypatch):
+    import errno
+
+    def read_only(*a, **k):
+        raise OSError(errno.EROFS, "Read-only file system", str(tmp_path / "checkpoints"))
+
+    monkeypatch.setattr(Checkpointer, "save", read_only)
+    with pytest.raises(UserError, match="the file system is read-only .*last good checkpoint is none"):
+        _toy_loop(tmp_path, lambda k: 1.0, 3, ckpt_every=1)
+
+
+@pytest.mark.parametrize("damage", ["two bytes flipped", "truncated", "garbage", "empty"])
+def test_a_damaged_weights_file_is_refused_naming_it(tmp_path, damage):
+    from jaxseg.io import WeightsError
+
+    params = {"a": np.arange(1000.0, dtype=np.float32), "b": {"c": np.ones((20, 20), np.float32)}}
+    path = tmp_path / "params.msgpack"
+    save_weights(path, params)
+    data = bytearray(path.read_bytes())
+    if damage == "two bytes flipped":
+        for i in (len(data) // 2, len(data) // 2 + 7):
+            data[i] ^= 0xFF
+    elif damage == "truncated":
+        data = data[: len(data) - 100]
+    elif damage == "garbage":
+        data = bytearray(np.random.default_rng(1).bytes(len(data)))
+    else:
+        data = bytearray()
+    path.write_bytes(bytes(data))
+    with pytest.raises(WeightsError, match=f"^{path}: (checksum mismatch|damaged)") as e:
+        load_weights(path, params)
+    assert "\n" not in str(e.value)
+    with pytest.raises(WeightsError, match="made for another model"):
+        save_weights(path, params)
+        load_weights(path, {"a": np.zeros(3, np.float32)})

@@ -23,6 +23,7 @@ from typing import Sequence
 import numpy as np
 
 from jaxseg.errors import UserError
+from jaxseg.io import atomic_write_text, check_writable
 
 from jaxseg.data.msd import Case, DatasetInfo, DataValidationError, check_case, load_nifti
 from jaxseg.data.preprocess import brats_regions, preprocess_case
@@ -164,6 +165,7 @@ def prepare(info: DatasetInfo, out_dir: str | Path, cfg: PrepareConfig = Prepare
     out_dir = Path(out_dir)
     if workers is not None and workers < 1:
         raise UserError(f"workers must be >= 1 (or None: one per core), got {workers}")
+    check_writable(out_dir, "cache folder")  # before any case is read
     with _locked(out_dir):
         return _prepare_locked(info, out_dir, cfg, workers, include_test, progress)
 
@@ -202,9 +204,7 @@ def _prepare_locked(info, out_dir: Path, cfg: PrepareConfig, workers, include_te
         index["regions"] = brats_regions(info.labels)
     except ValueError:
         index["regions"] = None
-    tmp = out_dir / f".{INDEX}.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps(index, indent=1))
-    os.replace(tmp, out_dir / INDEX)
+    atomic_write_text(out_dir / INDEX, json.dumps(index, indent=1))
     if problems:
         raise DataValidationError(sorted(problems))
     return status

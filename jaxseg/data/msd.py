@@ -20,8 +20,10 @@ class DataValidationError(UserError):
 
     def __init__(self, problems: Sequence[str]):
         self.problems = list(problems)
-        head = f"{len(self.problems)} problem(s) in the dataset:\n  - "
-        super().__init__(head + "\n  - ".join(self.problems))
+        if len(self.problems) == 1:  # the problem names its file: that is the heading
+            super().__init__(self.problems[0])
+        else:
+            super().__init__(f"{len(self.problems)} problems, each naming its file:\n  - " + "\n  - ".join(self.problems))
 
 
 @dataclasses.dataclass(frozen=True)

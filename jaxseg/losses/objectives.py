@@ -170,3 +170,24 @@ def get_objective(name: str):
         return sampled
     raise ValueError(f"unknown objective {name!r}; choose from {OBJECTIVE_NAMES}")
 
+
+
+def chance_loss(name: str, num_images: int, num_partitions: int, temperature: float = 1.0) -> float:
+    """The loss of objective ``name`` when every similarity is equal: what a model that tells
+    nothing apart scores (comparative: ln 2; contrastive: ln P; contrastive_global:
+    ln(1 + N (P - 1))). Computed by the objective itself on constant slices."""
+    from jaxseg.losses.partition import sample_triplets
+
+    slices = jnp.ones((num_images, num_partitions, 1, 2), jnp.float32)
+    triplets = sample_triplets(jax.random.key(0), num_images, num_partitions, 64) if name in SAMPLED_OBJECTIVES else None
+    return float(get_objective(name)(slices, temperature, triplets=triplets))
+
+
+DID_NOT_LEARN = 0.98  # a stage whose final loss stays above this fraction of chance learned nothing
+
+
+def learning_report(final_loss: float, chance: float) -> dict:
+    """A stage's final loss (e.g. the mean of its last 10) against ``chance``: the fraction, and
+    ``learned`` (False within 2% of chance, or above it)."""
+    frac = final_loss / chance if chance else float("nan")
+    return {"chance_loss": chance, "loss_vs_chance": frac, "learned": bool(frac < DID_NOT_LEARN)}

@@ -6,6 +6,8 @@ encoded here, like MONAI's ``to_onehot_y``) or one-hot / multi-hot ``(B, D, H, W
 
 from __future__ import annotations
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 
@@ -29,11 +31,14 @@ def _probs_and_onehot(logits, target, mode):
         if _concrete(target) and target.size and (int(jnp.min(target)) < 0 or int(jnp.max(target)) >= k):
             raise ValueError(f"target labels must lie in [0, {k - 1}] for {k} output channels, got values in "
                              f"[{int(jnp.min(target))}, {int(jnp.max(target))}]")
+        out_of_range = jnp.any((target < 0) | (target >= k))  # under jit: poisons the loss (see dice_ce_loss)
         target = jax.nn.one_hot(target, k, dtype=jnp.float32)
-    elif target.shape != logits.shape:
+    else:
+        out_of_range = jnp.bool_(False)
+    if target.shape != logits.shape:
         raise ValueError(f"target shape {target.shape} matches neither labels {logits.shape[:-1]} nor logits {logits.shape}")
     probs = jax.nn.softmax(logits, -1) if mode == "softmax" else jax.nn.sigmoid(logits)
-    return logits, probs, target.astype(jnp.float32)
+    return logits, probs, target.astype(jnp.float32), out_of_range
 
 
 def dice_loss(logits, target, mode: str = "softmax", include_background: bool = True,
@@ -41,11 +46,13 @@ def dice_loss(logits, target, mode: str = "softmax", include_background: bool = 
     """MONAI ``DiceLoss``: ``1 - (2 |P.T| + smooth_nr) / (|P| + |T| + smooth_dr)`` per sample and
     class over space, averaged over samples and classes. ``include_background=False`` drops
     channel 0 (for softmax label maps)."""
-    _, probs, onehot = _probs_and_onehot(logits, target, mode)
-    return _dice(probs, onehot, include_background, smooth_nr, smooth_dr)
+    _, probs, onehot, bad = _probs_and_onehot(logits, target, mode)
+    return jnp.where(bad, jnp.nan, _dice(probs, onehot, include_background, smooth_nr, smooth_dr))
 
 
 def _dice(probs, onehot, include_background, smooth_nr, smooth_dr):
+    if not include_background and probs.shape[-1] == 1:
+        warnings.warn("single channel prediction, `include_background=False` ignored.", stacklevel=3)  # as MONAI
     if not include_background and probs.shape[-1] > 1:
         probs, onehot = probs[..., 1:], onehot[..., 1:]
     axes = tuple(range(1, probs.ndim - 1))
@@ -64,11 +71,15 @@ def dice_ce_loss(logits, target, mode: str = "softmax", include_background: bool
     mean over voxels and channels: the multi-label loss for overlapping classes (BraTS TC/WT/ET).
     MONAI's ``DiceCELoss(sigmoid=True)`` uses BCE only for one channel and applies softmax
     cross-entropy to multi-hot targets otherwise; ours equals ``DiceLoss(sigmoid=True)`` +
-    ``BCEWithLogitsLoss``. The CE term always includes every channel, as in MONAI."""
-    logits, probs, onehot = _probs_and_onehot(logits, target, mode)
+    ``BCEWithLogitsLoss``. The CE term always includes every channel, as in MONAI.
+
+    Integer labels outside [0, K-1] are refused with ``ValueError`` when the values can be seen
+    (outside ``jit``); under ``jit`` the loss is NaN instead of a silently wrong number (no host
+    check per step), which the training loop stops on."""
+    logits, probs, onehot, bad = _probs_and_onehot(logits, target, mode)
     dice = _dice(probs, onehot, include_background, smooth_nr, smooth_dr)
     if mode == "softmax":
         ce = -jnp.mean(jnp.sum(onehot * jax.nn.log_softmax(logits, -1), -1))
     else:
         ce = jnp.mean(jnp.maximum(logits, 0) - logits * onehot + jax.nn.softplus(-jnp.abs(logits)))
-    return lambda_dice * dice + lambda_ce * ce
+    return jnp.where(bad, jnp.nan, lambda_dice * dice + lambda_ce * ce)

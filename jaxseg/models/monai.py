@@ -8,6 +8,7 @@ torch only when called.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
@@ -147,9 +148,17 @@ def to_monai(params: Any, config: UNETR) -> dict[str, np.ndarray]:
 
 def save_monai_checkpoint(params: Any, config: UNETR, path: str) -> None:
     """Write ``to_monai(params, config)`` as a ``.pt`` state_dict (imports torch only then)."""
+    import io
+
     import torch
 
-    torch.save({k: torch.from_numpy(v) for k, v in to_monai(params, config).items()}, path)
+    from jaxseg.io import atomic_write_bytes, atomic_write_text, file_digest
+
+    buf = io.BytesIO()
+    torch.save({k: torch.from_numpy(v) for k, v in to_monai(params, config).items()}, buf)
+    atomic_write_bytes(path, buf.getvalue())
+    # MONAI's loaders read the .pt as it is; the checksum beside it lets load_monai_checkpoint verify it
+    atomic_write_text(f"{path}.sha256", f"{file_digest(path)}  {Path(path).name}\n")
 
 
 def _check_shapes(params: dict, config: UNETR) -> None:
@@ -178,7 +187,17 @@ def load_monai_checkpoint(path: str, config: UNETR) -> dict:
     'state_dict' / 'model' / 'model_state_dict') and convert it. Imports torch lazily."""
     import torch  # optional dependency: only needed to read .pt files
 
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+    from jaxseg.io import WeightsError, file_digest
+
+    if not Path(path).is_file():
+        raise WeightsError(f"{path}: no checkpoint file there")
+    sidecar = Path(f"{path}.sha256")
+    if sidecar.is_file() and sidecar.read_text().split()[:1] != [file_digest(path)]:
+        raise WeightsError(f"{path}: checksum mismatch against {sidecar.name}: the file is damaged")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch raises several kinds for cut or garbage files
+        raise WeightsError(f"{path}: damaged or not a PyTorch checkpoint ({str(e).splitlines()[0][:120]})") from None
     for key in ("state_dict", "model_state_dict", "model"):
         if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
             obj = obj[key]

@@ -3,37 +3,33 @@ and a small JSON of run metadata together. Orbax writes each step to a temporary
 renames it when complete, so a killed save never replaces the last good checkpoint.
 
 Two formats on purpose: resumable training state is an orbax checkpoint (several items, kept
-per step, restored together); the final weights a run hands on (``params.msgpack``,
-``best.msgpack``) are one flax-msgpack file each, because a single file is replaced atomically
-by one rename however often it is rewritten (``best`` at every better validation), can be
-copied or shared as is, and reads back without orbax. ``jaxseg.load_model`` reads them.
+per step, restored together; a damaged newest step falls back to the one before); the final
+weights a run hands on (``params.msgpack``, ``best.msgpack``) are one checksummed file each
+(``jaxseg.io.save_weights``), because a single file is replaced atomically by one rename however
+often it is rewritten (``best`` at every better validation), can be copied or shared as is, and
+reads back without orbax. ``jaxseg.load_model`` reads them.
 """
 
 from __future__ import annotations
 
-import os
 import shutil
-import socket
+import sys
 from pathlib import Path
 from typing import Any
 
 import grain
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
+from jaxseg.distributed import is_primary
 from jaxseg.errors import UserError
+from jaxseg.io import check_writable, disk_fault
 
 
 def check_workdir(workdir: str | Path, min_free_bytes: int = 200 * 2**20) -> Path:
     """Fail before training if the work dir cannot be written or its disk is (nearly) full."""
-    path = Path(workdir).absolute()
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".write_test.{socket.gethostname()}.{os.getpid()}"  # one per process: hosts share work dirs
-        probe.write_bytes(b"x")
-        probe.unlink()
-    except OSError as e:
-        raise UserError(f"work dir {path} is not writable: {e}") from None
+    path = check_writable(workdir, "work dir")
     free = shutil.disk_usage(path).free
     if free < min_free_bytes:
         raise UserError(f"work dir {path}: only {free / 2**20:.0f} MiB free on its disk, "
@@ -44,11 +40,17 @@ def check_workdir(workdir: str | Path, min_free_bytes: int = 200 * 2**20) -> Pat
 class Checkpointer:
     def __init__(self, directory: str | Path, max_to_keep: int = 2):
         self.directory = Path(directory).absolute()
-        self.manager = ocp.CheckpointManager(
-            self.directory,
-            options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
-                                                 enable_async_checkpointing=False),
-        )
+        try:
+            self.manager = ocp.CheckpointManager(
+                self.directory,
+                options=ocp.CheckpointManagerOptions(max_to_keep=max(max_to_keep, 2), create=True,
+                                                     enable_async_checkpointing=False),
+            )
+        except Exception as e:  # noqa: BLE001
+            fault = disk_fault(e)
+            if fault is None:
+                raise
+            raise UserError(f"{self.directory}: {fault}; checkpoints cannot be written there") from None
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -57,41 +59,60 @@ class Checkpointer:
         items = {"state": ocp.args.StandardSave(state), "extra": ocp.args.JsonSave(extra)}
         if data_iter is not None:
             items["data"] = grain.checkpoint.CheckpointSave(data_iter)
-        self.manager.save(step, args=ocp.args.Composite(**items), force=True)
-        self.manager.wait_until_finished()
+        last = self.latest_step()
+        try:
+            self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+            self.manager.wait_until_finished()
+        except Exception as e:  # noqa: BLE001 - orbax / tensorstore bury the OS error in their own
+            fault = disk_fault(e)
+            if fault is None:
+                raise
+            self._remove_temporaries()
+            raise UserError(f"{self.directory}: {fault} while saving the checkpoint of step {step}; the last good "
+                            f"checkpoint is {'step ' + str(last) if last is not None else 'none'}. Fix that and "
+                            f"rerun the same command to resume") from None
+
+    def _remove_temporaries(self) -> None:
+        for tmp in self.directory.glob("*.orbax-checkpoint-tmp*"):
+            shutil.rmtree(tmp, ignore_errors=True)
 
     def restore(self, state_template: Any, data_iter: Any | None):
-        """(state, extra) from the latest step, restoring ``data_iter`` in place; None when there
-        is no checkpoint."""
-        step = self.latest_step()
-        if step is None:
+        """(state, extra) from the newest readable step, restoring ``data_iter`` in place; None
+        when there is no checkpoint. A step that cannot be read (truncated, garbage, metadata
+        gone) is reported in one line and removed, and the next older one is tried; none
+        readable is a ``UserError`` naming the folder."""
+        steps = sorted(self.manager.all_steps(), reverse=True)
+        if not steps:
             return None
         abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, state_template)
-        items = {"state": ocp.args.StandardRestore(abstract), "extra": ocp.args.JsonRestore()}
-        if data_iter is not None:
-            items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
-        out = self.manager.restore(step, args=ocp.args.Composite(**items))
-        return out["state"], out["extra"]
+        for i, step in enumerate(steps):
+            items = {"state": ocp.args.StandardRestore(abstract), "extra": ocp.args.JsonRestore()}
+            if data_iter is not None:
+                items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
+            try:
+                out = self.manager.restore(step, args=ocp.args.Composite(**items))
+                _check_finite(out["state"])
+            except Exception as e:  # noqa: BLE001 - every kind of damage: cut files, garbage, lost metadata
+                older = f"resuming from step {steps[i + 1]}" if i + 1 < len(steps) else "no older step to fall back on"
+                reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+                print(f"warning: checkpoint step {step} in {self.directory} cannot be read ({reason}); {older}",
+                      file=sys.stderr, flush=True)
+                continue
+            if i and is_primary():  # the damaged newer steps would be in the way of the next saves
+                for bad in steps[:i]:
+                    shutil.rmtree(self.directory / str(bad), ignore_errors=True)
+                self.manager.reload()
+            return out["state"], out["extra"]
+        raise UserError(f"{self.directory}: no readable checkpoint (steps {', '.join(map(str, steps))} are all "
+                        f"damaged); move the folder away to start this stage over")
 
     def close(self) -> None:
         self.manager.close()
 
 
-def save_params(path: str | Path, params: Any) -> None:
-    """Write params atomically (temporary file + rename) with flax's msgpack serialisation."""
-    from flax import serialization
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_bytes(serialization.to_bytes(jax.device_get(params)))
-    os.replace(tmp, path)
-
-
-def load_params(path: str | Path, template: Any) -> Any:
-    from flax import serialization
-
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: no parameters file")
-    return serialization.from_bytes(template, path.read_bytes())
+def _check_finite(state: Any) -> None:
+    """Garbage bytes can decode to numbers; a training state that held only finite values must."""
+    for leaf in jax.tree_util.tree_leaves(state):
+        arr = np.asarray(jax.device_get(leaf)) if getattr(leaf, "is_fully_addressable", True) else None
+        if arr is not None and arr.dtype.kind == "f" and not np.isfinite(arr).all():
+            raise ValueError("non-finite values in the restored state")

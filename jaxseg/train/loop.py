@@ -28,7 +28,8 @@ import jax
 from tqdm import tqdm
 
 from jaxseg.distributed import Preempted, StopRequest, is_primary
-from jaxseg.run_settings import atomic_write_text
+from jaxseg.errors import UserError
+from jaxseg.io import atomic_write_text, disk_fault
 from jaxseg.train.checkpoint import Checkpointer
 from jaxseg.train.tensorboard import Board
 
@@ -242,7 +243,7 @@ def run_loop(*, name: str, workdir: Path, state: Any, step_fn: Callable, data_it
 
     pending = None  # (step, metrics still on the device, data wait)
     writer = MetricsWriter(metrics_path, board, learning_rate)
-    with StopRequest() as stop, contextlib.closing(writer):
+    with StopRequest() as stop, contextlib.closing(writer), _disk_faults_named(workdir, ckpt):
         clock.restart()
         while not done:
             t0 = time.perf_counter()
@@ -259,7 +260,9 @@ def run_loop(*, name: str, workdir: Path, state: Any, step_fn: Callable, data_it
             preempt = stop.at_step()  # every process, every step: the sync point needs it
             stop.requested = stop.requested or preempt
             done = step >= num_steps or converged_at is not None or stop.requested
-            if done or due(step, ckpt_every, num_steps) or (evaluate is not None and due(step, eval_every, num_steps)):
+            first = step == start + 1  # waited for, so that its time is compilation + one step, no more
+            if done or first or due(step, ckpt_every, num_steps) or (evaluate is not None and due(step, eval_every,
+                                                                                                 num_steps)):
                 finish(*pending, last=True)
                 pending = None
                 done = done or converged_at is not None
@@ -269,10 +272,29 @@ def run_loop(*, name: str, workdir: Path, state: Any, step_fn: Callable, data_it
         raise Preempted(name, step, ckpt.directory)
     summary = {"name": name, "start_step": start, "end_step": step, "converged_at": converged_at,
                "rule_met_at": rule_met_at, "min_steps": min_steps, "loss_trend": loss_trend(history),
-               **clock.summary(crops_per_step), "final_loss": history[-1] if history else None}
+               **clock.summary(crops_per_step), "final_loss": history[-1] if history else None,
+               "final_mean_loss": sum(history[-10:]) / len(history[-10:]) if history else None}
     if is_primary():
         atomic_write_text(workdir / f"{name}_summary.json", json.dumps(summary, indent=1))
     return state, summary
+
+
+@contextlib.contextmanager
+def _disk_faults_named(workdir: Path, ckpt: Checkpointer):
+    """A full, read-only or vanished work dir ends the run with one line naming it and the last
+    good checkpoint, instead of a traceback from whichever write hit it first."""
+    try:
+        yield
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        fault = disk_fault(e)
+        if fault is None:
+            raise
+        last = ckpt.latest_step()
+        raise UserError(f"{workdir}: {fault} ({type(e).__name__}); the last good checkpoint is "
+                        f"{'step ' + str(last) if last is not None else 'none'}. Fix that and rerun the same "
+                        f"command to resume") from None
 
 
 def _stop_non_finite(name: str, loss: float, step: int, ckpt: Checkpointer):
