@@ -1,8 +1,8 @@
 """Segment new scans with a trained run, writing NIfTI segmentations in each scan's own geometry.
 
-    python -m experiments.predict --model=runs/spleen/finetune --input=scans/ --output=segs/
-    python -m experiments.predict --model=runs/spleen/finetune/best.msgpack --input=ct.nii.gz \\
-        --output=segs/ --probabilities --tta --figures --dtype=bfloat16
+    python -m experiments.predict --model=runs/table1/seed0/finetune_contrastive_2 --input=scans/ --output=segs/
+    python -m experiments.predict --model=runs/table1/seed0/finetune_contrastive_2/best.msgpack --input=ct.nii.gz \\
+        --label=ct_label.nii.gz --output=segs/ --probabilities --figures --dtype=bfloat16
 """
 
 import json
@@ -20,6 +20,7 @@ flags.DEFINE_string("output", None, "folder for the segmentations", required=Tru
 flags.DEFINE_bool("probabilities", False, "also write <name>_probs.nii.gz (one channel per class)")
 flags.DEFINE_bool("tta", False, "average over the 8 flips of the three axes (test-time augmentation)")
 flags.DEFINE_bool("figures", False, "also write <name>.png: a slice with the segmentation overlaid")
+flags.DEFINE_string("label", None, "with one --input scan: its label map, drawn as the truth in --figures")
 flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "compute dtype (default: the run's)")
 flags.DEFINE_string("compilation_cache", "auto", "persistent XLA compilation cache: 'auto', a folder, or 'off'")
 
@@ -37,6 +38,8 @@ def main(argv):
     scans = sorted(p for p in src.iterdir() if p.name.endswith((".nii", ".nii.gz"))) if src.is_dir() else [src]
     if not scans or not all(p.is_file() for p in scans):
         raise UserError(f"{src}: no .nii / .nii.gz scan found")
+    if FLAGS.label and len(scans) != 1:
+        raise UserError("--label goes with one --input scan, not a folder")
     out = check_writable(FLAGS.output)  # before any model is loaded or scan segmented
     enable_compilation_cache(FLAGS.compilation_cache)
     model, params, prep = load_model(FLAGS.model, FLAGS.dtype)
@@ -44,7 +47,8 @@ def main(argv):
     results = []
     for path in tqdm(scans, desc="predict", unit="scan"):
         try:  # one scan that cannot be segmented must not cost the others
-            r = {"status": "ok", **predict_file(path, predict, prep, out, FLAGS.probabilities, FLAGS.figures)}
+            r = {"status": "ok", **predict_file(path, predict, prep, out, FLAGS.probabilities, FLAGS.figures,
+                                                FLAGS.label)}
             print(f"{path.name}: {r['segmentation']} voxels {r['voxels']}", flush=True)
         except UserError as e:
             r = {"input": str(path), "status": "failed", "error": str(e)}

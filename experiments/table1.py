@@ -19,6 +19,10 @@ flags.DEFINE_integer("seeds", 3, "repeat pre-training and fine-tuning over this 
 
 def main(argv):
     del argv
+    for single, plural in (("objective", "objectives"), ("label_budget", "budgets")):
+        if FLAGS[single].present:  # table1 sets these itself, run by run: one way to choose them
+            raise UserError(f"--{single} does not apply to table1, which runs every one of --{plural}; "
+                            f"use --{plural}={FLAGS[single].value}")
     cfg = config_from_flags()
     try:
         budgets = tuple(int(b) for b in FLAGS.budgets)

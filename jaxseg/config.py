@@ -36,7 +36,7 @@ PRETRAIN_FIELDS = ("objective", "temperature", "num_partitions", "shared_offset"
 FINETUNE_FIELDS = ("finetune_steps", "finetune_volumes_per_step", "finetune_crops_per_volume", "label_budget",
                    "eval_every")
 EVAL_FIELDS = ("overlap",)
-NO_RESULT_FIELDS = ("data_threads", "ckpt_every", "sw_batch_size")
+NO_RESULT_FIELDS = ("data_threads", "ckpt_every", "sw_batch_size", "cache_dir")  # the cache's digest is recorded instead
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +56,7 @@ class DataConfig:
     test_fraction: float = 0.2
     seed: int = 0  # the phantom dataset and the train / val / test split
     threads: int = 2
+    cache_dir: str = ""  # the preprocessing cache; empty: workdir/cache (one `experiments.prepare --out_dir` made serves)
 
 
 @dataclasses.dataclass(frozen=True)

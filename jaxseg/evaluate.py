@@ -97,19 +97,21 @@ def summary_table(agg: Mapping[str, Mapping[str, Mapping[str, float]]]) -> str:
 
 
 def _overlay_figure(image, truth, pred, multilabel: bool, title: str = ""):
-    """Axial slice through the largest ground-truth area: image, truth and prediction overlays."""
+    """Axial slice through the largest ground-truth area (or, with no truth, predicted area):
+    image, truth and prediction overlays; two panels when ``truth`` is None."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fg_t = (truth > 0)
-    z = int(np.argmax(fg_t.sum((0, 1)))) if fg_t.any() else image.shape[2] // 2
-    img = image[:, :, z, 0].T
-    t = truth[:, :, z].T
     # Multi-label predictions (TC/WT/ET) are shown as their union, like the label map's foreground.
-    p = (pred[:, :, z].max(-1) if multilabel else pred[:, :, z]).T
-    fig, axes = plt.subplots(1, 3, figsize=(10, 3.6))
-    for ax, lab, name in zip(axes, (None, t, p), ("image", "ground truth", "prediction")):
+    union = pred.max(-1) if multilabel else pred
+    fg = (truth if truth is not None else union) > 0
+    z = int(np.argmax(fg.sum((0, 1)))) if fg.any() else image.shape[2] // 2
+    img = image[:, :, z, 0].T
+    p = union[:, :, z].T
+    panels = [(None, "image"), *([(truth[:, :, z].T, "ground truth")] if truth is not None else []), (p, "prediction")]
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.4 * len(panels), 3.6))
+    for ax, (lab, name) in zip(axes, panels):
         ax.imshow(img, cmap="gray", origin="lower")
         if lab is not None:
             ax.imshow(np.ma.masked_equal(lab, 0), cmap="autumn", alpha=0.5, origin="lower", vmin=0, vmax=max(1, lab.max()))

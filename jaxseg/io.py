@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -91,13 +92,21 @@ def read_weights_blob(path: str | os.PathLike) -> bytes:
         raise WeightsError(f"{path}: cannot be read ({e.strerror or e})") from None
     except Exception:  # noqa: BLE001 - msgpack raises several kinds for cut or garbage input
         raise WeightsError(f"{path}: damaged (truncated or not a weights file); it cannot be loaded") from None
+    if isinstance(outer, dict) and "format" not in outer and "params" in outer and data_is_legacy(outer):
+        warnings.warn(f"{path}: written by an older jaxseg, without a checksum: loaded unverified (saving it again "
+                      f"with jaxseg.io.save_weights adds one)", stacklevel=3)
+        return path.read_bytes()
     if not isinstance(outer, dict) or outer.get("format") != WEIGHTS_FORMAT:
-        raise WeightsError(f"{path}: not a jaxseg weights file with a checksum (written by an older jaxseg, or "
-                           f"another program?); re-export it, or re-run the job that made it")
+        raise WeightsError(f"{path}: not a jaxseg weights file (no checksum header); it cannot be trusted")
     blob = outer.get("params")
     if not isinstance(blob, bytes) or hashlib.sha256(blob).hexdigest() != outer.get("sha256"):
         raise WeightsError(f"{path}: checksum mismatch: the file is damaged; it cannot be trusted")
     return blob
+
+
+def data_is_legacy(state: dict) -> bool:
+    """A plain flax msgpack of UNETR params (jaxseg before checksums): {"params": {module: ...}}."""
+    return len(state) == 1 and isinstance(state["params"], dict)
 
 
 def load_weights(path: str | os.PathLike, template: Any) -> Any:

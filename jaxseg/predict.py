@@ -39,6 +39,7 @@ class Preprocessing:
     roi: int
     overlap: float = 0.25
     sw_batch_size: int = 4
+    train_flip_prob: float | None = None  # per-axis flip probability in fine-tuning (None: not recorded)
 
 
 def model_card(cfg, cache) -> dict:
@@ -49,7 +50,7 @@ def model_card(cfg, cache) -> dict:
             "class_names": cache.class_names, "multilabel": cache.regions is not None,
             "target_spacing": list(cache.index["target_spacing"]), "is_ct": bool(cache.index.get("is_ct")),
             "ct_range": list(prep.get("ct_range", (-175.0, 250.0))), "overlap": cfg.eval.overlap,
-            "sw_batch_size": cfg.eval.sw_batch_size}
+            "sw_batch_size": cfg.eval.sw_batch_size, "train_flip_prob": cfg.finetune_data().flip_prob}
 
 
 def load_model(run: str | Path, dtype: str | None = None) -> tuple[Any, Any, Preprocessing]:
@@ -72,13 +73,30 @@ def load_model(run: str | Path, dtype: str | None = None) -> tuple[Any, Any, Pre
     params = load_weights(weights, init_params(model))
     prep = Preprocessing(tuple(card["target_spacing"]), card["is_ct"], tuple(card["ct_range"]), card["in_channels"],
                          tuple(card["class_names"]), card["multilabel"], card["crop_size"], card["overlap"],
-                         card["sw_batch_size"])
+                         card["sw_batch_size"], card.get("train_flip_prob"))
     return model, params, prep
+
+
+TTA_MIN_FLIP_PROB = 0.5  # flipped views are in distribution only for a model trained on them this often
+
+
+def check_flip_tta(prep: Preprocessing) -> None:
+    """Refuse flip test-time augmentation for a model not trained to be flip-invariant: a run of
+    the main job (flips p = 0.1 per axis) averaged into an EMPTY segmentation where the plain
+    prediction found the spleen, since 7 of the 8 flipped views are out of its distribution."""
+    p = prep.train_flip_prob
+    if p is None or p < TTA_MIN_FLIP_PROB:
+        raise UserError(f"--tta averages the 8 flips of the scan, but this model was trained with flips of "
+                        f"p = {p if p is not None else 0.1} per axis, so flipped views are out of its distribution "
+                        f"(on the main job's model they gave an empty segmentation); predict without --tta")
 
 
 def model_predictor(model, params, prep: Preprocessing, flip_tta: bool = False) -> Callable[[np.ndarray], np.ndarray]:
     """image on the model's grid (X, Y, Z, C) -> probabilities (X, Y, Z, K): softmax, or sigmoid
-    for multi-label models; with ``flip_tta`` the mean over the 8 flips of the three axes."""
+    for multi-label models; with ``flip_tta`` the mean over the 8 flips of the three axes (only
+    for a model trained with flips of p >= 0.5, ``check_flip_tta``)."""
+    if flip_tta:
+        check_flip_tta(prep)
     apply = jax.jit(model.apply)  # params as an argument: one compilation for every case
 
     def probs(image):
@@ -116,13 +134,21 @@ def read_scan(path: Path, prep: Preprocessing) -> tuple[np.ndarray, np.ndarray]:
 
 
 def predict_file(path: str | Path, predict: Callable[[np.ndarray], np.ndarray], prep: Preprocessing,
-                 out_dir: str | Path, probabilities: bool = False, figure: bool = False) -> dict:
+                 out_dir: str | Path, probabilities: bool = False, figure: bool = False,
+                 label: str | Path | None = None) -> dict:
     """Segment one NIfTI scan into ``out_dir/<name>.nii.gz`` (uint8 labels, or one channel per
     region for multi-label models) in the scan's own geometry; optionally
-    ``<name>_probs.nii.gz`` (float32, nearest-resampled) and ``<name>.png``."""
+    ``<name>_probs.nii.gz`` (float32, nearest-resampled) and ``<name>.png`` (image and
+    prediction, and the truth when ``label``, the scan's label map, is given)."""
     path, out_dir = Path(path), Path(out_dir)
     image, affine = read_scan(path, prep)
-    case = preprocess_case(image, affine, None, target_spacing=prep.target_spacing, ct=prep.is_ct,
+    truth = None
+    if label is not None:
+        truth, label_affine = load_nifti(label)
+        if truth.shape != image.shape[:3] or not np.allclose(label_affine, affine, atol=1e-4):
+            raise UserError(f"{label}: its shape {truth.shape} or affine does not match the scan {path.name} "
+                            f"({image.shape[:3]})")
+    case = preprocess_case(image, affine, truth, target_spacing=prep.target_spacing, ct=prep.is_ct,
                            ct_range=prep.ct_range)
     probs = predict(case["image"])
     seg = (probs > 0.5).astype(np.uint8) if prep.multilabel else np.argmax(probs, -1).astype(np.uint8)
@@ -140,6 +166,6 @@ def predict_file(path: str | Path, predict: Callable[[np.ndarray], np.ndarray], 
     if figure:
         from jaxseg.evaluate import overlay_png
 
-        overlay_png(case["image"], np.zeros(seg.shape[:3], np.uint8), seg, prep.multilabel, out_dir / f"{name}.png",
-                    title=name)
+        grid_truth = None if label is None else np.asarray(case["label"])
+        overlay_png(case["image"], grid_truth, seg, prep.multilabel, out_dir / f"{name}.png", title=name)
     return out

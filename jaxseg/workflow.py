@@ -42,10 +42,10 @@ Data = tuple[Cache, dict[str, list[str]]]  # the cache and its train / val / tes
 def ensure_data(cfg: Config, workdir: Path, progress: bool = True) -> Data:
     """The cache for ``cfg`` (a phantom dataset when ``cfg.data.dir`` is empty) and its seeded
     train / val / test split."""
-    workdir = Path(workdir)
+    workdir = check_workdir(workdir)
     d = cfg.data
     data_dir = Path(d.dir) if d.dir else workdir / f"phantom_{d.phantom}_{d.phantom_subjects}_{d.seed}"
-    cache_dir = workdir / "cache"
+    cache_dir = Path(d.cache_dir) if d.cache_dir else workdir / "cache"
     if is_primary():  # the other processes wait, then read what process 0 prepared
         if not d.dir and not (data_dir / "dataset.json").is_file():
             write_phantom_dataset(data_dir, d.phantom, d.phantom_subjects, seed=d.seed)

@@ -177,6 +177,8 @@ def _damaged_inputs_are_refused_before_any_output(wd, scan, common, tmp_path):
 
 def test_table1_main_job_tiny(tmp_path):
     wd = tmp_path / "t1"
+    out = run_module("experiments.table1", "--config=tiny", f"--workdir={wd}", "--objective=contrastive", rc=2)
+    assert "use --objectives=contrastive" in out and not wd.exists()
     out = run_module("experiments.table1", "--config=tiny", f"--workdir={wd}", "--noprogress", "--seeds=2",
                      "--objectives=comparative", "--budgets=2", "--stage1_steps=2", "--stage2_steps=2",
                      "--finetune_steps=2", "--eval_every=2", "--phantom_subjects=6")

@@ -43,7 +43,7 @@ def test_prediction_overlays_the_truth_of_an_oblique_non_ras_scan(tmp_path):
         assert grid_image.shape[:3] == ref["label"].shape
         return np.eye(2, dtype=np.float32)[ref["label"]]
 
-    out = predict_file(img_path, oracle, PREP, tmp_path / "out", probabilities=True, figure=True)
+    out = predict_file(img_path, oracle, PREP, tmp_path / "out", probabilities=True, figure=True, label=lab_path)
     seg = nib.load(out["segmentation"])
     assert seg.shape == truth.shape and np.allclose(seg.affine, affine)  # the scan's own grid and world frame
     s, t = np.asarray(seg.dataobj) > 0, truth > 0
@@ -64,3 +64,29 @@ def test_scans_that_cannot_match_the_model_are_refused_by_name(tmp_path):
     nib.save(nib.Nifti1Image(np.full((8, 8, 8), np.nan, np.float32), np.eye(4)), str(nan))
     with pytest.raises(UserError, match="nan.nii.gz: contains NaN"):
         predict_file(nan, None, PREP, tmp_path)
+
+
+def test_figure_draws_the_truth_only_when_a_label_is_given(tmp_path):
+    from jaxseg.evaluate import _overlay_figure
+
+    image = np.random.default_rng(0).random((16, 16, 8, 1)).astype(np.float32)
+    truth = np.zeros((16, 16, 8), np.uint8)
+    truth[4:9, 4:9, 5] = 1
+    pred = np.zeros_like(truth)
+    pred[5:10, 5:10, 2] = 1
+    with_truth = _overlay_figure(image, truth, pred, False, "x")
+    titles = [ax.get_title() for ax in with_truth.axes]
+    assert titles == ["image", "ground truth", "prediction"] and "slice 5" in with_truth._suptitle.get_text()
+    alone = _overlay_figure(image, None, pred, False, "x")
+    assert [ax.get_title() for ax in alone.axes] == ["image", "prediction"] and "slice 2" in alone._suptitle.get_text()
+
+
+def test_flip_tta_is_refused_for_a_model_not_trained_on_flips():
+    import dataclasses
+
+    from jaxseg.predict import check_flip_tta, model_predictor
+
+    for p in (None, 0.1):
+        with pytest.raises(UserError, match="predict without --tta"):
+            model_predictor(None, None, dataclasses.replace(PREP, train_flip_prob=p), flip_tta=True)
+    check_flip_tta(dataclasses.replace(PREP, train_flip_prob=0.5))  # trained to be flip-invariant: allowed

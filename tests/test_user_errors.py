@@ -144,3 +144,22 @@ def test_dataset_json_entry_errors_name_the_file(tmp_path):
         load_dataset_json(tmp_path)
     assert all("dataset.json" in p for p in e.value.problems) and len(e.value.problems) == 2
     assert any('no "image"' in p for p in e.value.problems) and any("'one' is not an integer" in p for p in e.value.problems)
+
+
+def test_prepare_of_an_unchanged_dataset_does_nothing_and_jobs_reuse_its_cache(phantom, tmp_path, monkeypatch):
+    from jaxseg.workflow import ensure_data
+
+    out = tmp_path / "shared_cache"
+    assert prepare(phantom, out, PrepareConfig(), workers=1, progress=False)["done"] == 2
+    index = (out / "cache.json").stat().st_mtime_ns
+
+    def no_pool(*a, **k):
+        raise AssertionError("an unchanged dataset was prepared again")
+
+    monkeypatch.setattr(cache_mod.cf, "ProcessPoolExecutor", no_pool)
+    assert prepare(phantom, out, PrepareConfig(), workers=1, progress=False) == {"done": 0, "skipped": 2, "failed": 0}
+    cfg = get_config("tiny", data_dir=str(phantom.root), cache_dir=str(out), val_fraction=0.0, test_fraction=0.0)
+    cache, split = ensure_data(cfg, tmp_path / "work", progress=False)
+    assert Path(cache.root) == out and not (tmp_path / "work" / "cache").exists()  # one cache
+    assert (out / "cache.json").stat().st_mtime_ns == index and len(split["train"]) == 2
+    assert "cache_dir" not in job_settings(cfg, "pretrain")  # where the cache lives changes no result

@@ -62,11 +62,13 @@ def dataset_fingerprint(info: DatasetInfo) -> str:
     return h.hexdigest()
 
 
-def is_current(info: DatasetInfo, out_dir: str | Path, cfg: PrepareConfig) -> bool:
+def is_current(info: DatasetInfo, out_dir: str | Path, cfg: PrepareConfig, include_test: bool = False) -> bool:
     """Whether ``out_dir`` already holds ``info`` prepared with ``cfg`` (then nothing to do)."""
     try:
         index = json.loads((Path(out_dir) / INDEX).read_text())
     except (OSError, ValueError):
+        return False
+    if include_test and len(index.get("test", [])) < len(info.test):
         return False
     return index.get("prepare") == _settings(cfg) and index.get("fingerprint") == dataset_fingerprint(info)
 
@@ -166,6 +168,8 @@ def prepare(info: DatasetInfo, out_dir: str | Path, cfg: PrepareConfig = Prepare
     if workers is not None and workers < 1:
         raise UserError(f"workers must be >= 1 (or None: one per core), got {workers}")
     check_writable(out_dir, "cache folder")  # before any case is read
+    if is_current(info, out_dir, cfg, include_test):  # nothing changed: no lock, no pool, no case re-read
+        return {"done": 0, "skipped": len(info.training) + (len(info.test) if include_test else 0), "failed": 0}
     with _locked(out_dir):
         return _prepare_locked(info, out_dir, cfg, workers, include_test, progress)
 
