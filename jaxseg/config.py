@@ -27,16 +27,11 @@ CHOICES = {
 AT_LEAST_ONE = ("crop_size", "phantom_subjects", "data_threads", "sampled_triplets", "volumes_per_step",
                 "crops_per_volume", "stage1_steps", "stage2_steps", "convergence_window", "finetune_steps",
                 "finetune_volumes_per_step", "finetune_crops_per_volume", "eval_every", "sw_batch_size", "ckpt_every")
-# Which fields each job's result depends on (kept with its outputs, see jaxseg.run_settings);
-# the rest (model, data, seed, optimiser) matter to every job; data_threads, ckpt_every and
-# sw_batch_size change no result.
-PRETRAIN_FIELDS = ("objective", "temperature", "num_partitions", "shared_offset", "sampled_triplets",
-                   "volumes_per_step", "crops_per_volume", "stage1_steps", "stage2_steps", "stage2_output",
-                   "stage2_freeze_encoder", "axis_mode", "convergence_window", "convergence_rtol", "min_steps")
-FINETUNE_FIELDS = ("finetune_steps", "finetune_volumes_per_step", "finetune_crops_per_volume", "label_budget",
-                   "eval_every")
-EVAL_FIELDS = ("overlap",)
-NO_RESULT_FIELDS = ("data_threads", "ckpt_every", "sw_batch_size", "cache_dir")  # the cache's digest is recorded instead
+# Settings that change no result (where the cache lives: its digest is recorded instead).
+NO_RESULT_FIELDS = ("data_threads", "ckpt_every", "sw_batch_size", "cache_dir")
+# The config groups each job's result depends on, beside model, data and the top-level settings
+# (kept with its outputs, see jaxseg.run_settings).
+JOB_GROUPS = {"pretrain": ("pretrain",), "finetune": ("finetune", "eval"), "evaluate": ("eval",)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,9 +145,6 @@ class Config:
         return {k: getattr(getattr(self, p[0]), p[1]) if len(p) == 2 else getattr(self, p[0])
                 for k, p in FLAT_NAMES.items()}
 
-    def as_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
     def pretrain_data(self):
         """The pre-training input pipeline's settings, derived from this config."""
         from jaxseg.data import PretrainDataConfig
@@ -178,10 +170,11 @@ class Config:
 
 
 def job_settings(c: Config, job: str) -> dict:
-    """The settings (flat names) that the result of ``job`` ('pretrain', 'finetune', 'evaluate') depends on."""
-    own = {"pretrain": PRETRAIN_FIELDS, "finetune": FINETUNE_FIELDS + EVAL_FIELDS, "evaluate": EVAL_FIELDS}[job]
-    others = set(PRETRAIN_FIELDS + FINETUNE_FIELDS + EVAL_FIELDS + NO_RESULT_FIELDS) - set(own)
-    return {"job": job, **{k: v for k, v in c.flat().items() if k not in others}}
+    """The settings (flat names) that the result of ``job`` ('pretrain', 'finetune', 'evaluate')
+    depends on: every setting outside the job-specific groups, and those of its own groups."""
+    skip = {"pretrain", "finetune", "eval"} - set(JOB_GROUPS[job])
+    return {"job": job, **{k: v for k, v in c.flat().items()
+                           if FLAT_NAMES[k][0] not in skip and k not in NO_RESULT_FIELDS}}
 
 
 def config_problems(flat: dict) -> list[str]:

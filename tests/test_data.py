@@ -12,7 +12,7 @@ from jaxseg.errors import UserError
 
 from jaxseg.data import (Cache, DataValidationError, FinetuneDataConfig, PretrainDataConfig, finetune_dataset,
                          label_budget, load_dataset_json, make_iterator, prepare, pretrain_dataset, split_cases,
-                         validate_dataset, write_phantom_dataset)
+                         write_phantom_dataset)
 from jaxseg.data import cache as cache_mod
 from jaxseg.data.msd import load_nifti
 from jaxseg.data.preprocess import (brats_regions, label_channels, preprocess_case, resample, restore_label,
@@ -100,8 +100,8 @@ def test_every_validation_problem_is_reported_with_its_file(tmp_path, spleen_dir
     lab5, aff5 = load_nifti(c["spleen_005"].label)
     lab5[0, 0, 0] = 7
     save_nifti(c["spleen_005"].label, lab5.astype(np.uint8), aff5)  # unknown label value
-    with pytest.raises(DataValidationError) as err:
-        validate_dataset(info)
+    with pytest.raises(DataValidationError) as err:  # every problem at once, each naming its file
+        prepare(info, tmp_path / "cache", progress=False, workers=1)
     problems = err.value.problems
     expect = {
         "spleen_000": "missing file", "spleen_001": "corrupt", "spleen_002": "label shape",
@@ -113,10 +113,7 @@ def test_every_validation_problem_is_reported_with_its_file(tmp_path, spleen_dir
     lab, aff = load_nifti(c["spleen_005"].label)
     save_nifti(c["spleen_005"].label, np.zeros_like(lab, np.uint8), aff)
     with pytest.raises(DataValidationError, match="spleen_005.*empty label"):
-        validate_dataset(info)
-    # prepare reports the same problems at the end but caches the valid cases
-    with pytest.raises(DataValidationError):
-        prepare(info, tmp_path / "cache", progress=False, workers=1)
+        prepare(info, tmp_path / "cache", progress=False, workers=1)  # the valid cases stay cached
 
 
 def test_missing_dataset_json(tmp_path):
@@ -274,3 +271,12 @@ def test_splits_and_label_budget():
     assert split_cases(ids, 0.2, 0.2, seed=0) == s
     b2, b5 = label_budget(s["train"], 2, seed=0), label_budget(s["train"], 5, seed=0)
     assert b5[:2] == b2 and len(label_budget(s["train"], None, seed=0)) == 12
+
+
+def test_duplicate_case_ids_are_refused_naming_dataset_json(tmp_path):
+    meta = {"modality": {"0": "CT"}, "labels": {"0": "background", "1": "spleen"},
+            "training": [{"image": "./imagesTr/a.nii.gz", "label": "./labelsTr/a.nii.gz"},
+                         {"image": "./other/a.nii.gz", "label": "./labelsTr/a2.nii.gz"}]}
+    (tmp_path / "dataset.json").write_text(json.dumps(meta))
+    with pytest.raises(DataValidationError, match=r"dataset.json: duplicate case ids \['a'\]"):
+        load_dataset_json(tmp_path)

@@ -1,7 +1,7 @@
 """Data: MSD I/O and validation, preprocessing, cache, phantoms, grain pipelines."""
 
 from jaxseg.data.cache import Cache, PrepareConfig, label_budget, prepare, split_cases
-from jaxseg.data.msd import DataValidationError, DatasetInfo, load_dataset_json, validate_dataset
+from jaxseg.data.msd import DataValidationError, DatasetInfo, load_dataset_json
 from jaxseg.data.phantom import write_phantom_dataset
 from jaxseg.data.pipelines import (FinetuneDataConfig, PretrainDataConfig, finetune_dataset, make_iterator,
                                    pretrain_dataset)
@@ -9,5 +9,5 @@ from jaxseg.data.pipelines import (FinetuneDataConfig, PretrainDataConfig, finet
 __all__ = [
     "Cache", "DataValidationError", "DatasetInfo", "FinetuneDataConfig", "PrepareConfig", "PretrainDataConfig",
     "finetune_dataset", "label_budget", "load_dataset_json", "make_iterator", "prepare", "pretrain_dataset",
-    "split_cases", "validate_dataset", "write_phantom_dataset",
+    "split_cases", "write_phantom_dataset",
 ]

@@ -87,6 +87,10 @@ def load_dataset_json(root: str | Path) -> DatasetInfo:
         for e in meta["training"]
     )
     test = tuple(Case(case_id_from_path(p), _resolve(root, p)) for p in meta.get("test", []))
+    ids = [c.case_id for c in training]
+    dup = sorted({i for i in ids if ids.count(i) > 1})
+    if dup:  # two entries would share one cache folder
+        raise DataValidationError([f"{path}: duplicate case ids {dup}"])
     return DatasetInfo(
         root=root, name=str(meta.get("name", root.name)),
         modality={int(k): str(v) for k, v in meta["modality"].items()},
@@ -149,14 +153,3 @@ def check_case(case: Case, info: DatasetInfo, require_label: bool = True,
         if require_label and values <= {0}:
             problems.append(f"{case.label}: empty label map (background only)")
     return problems
-
-
-def validate_dataset(info: DatasetInfo, require_labels: bool = True) -> None:
-    """Check every training case; raise ``DataValidationError`` listing all problems."""
-    problems = [p for case in info.training for p in check_case(case, info, require_labels)]
-    ids = [c.case_id for c in info.training]
-    dup = sorted({i for i in ids if ids.count(i) > 1})
-    if dup:
-        problems.append(f"{info.root / 'dataset.json'}: duplicate case ids {dup}")
-    if problems:
-        raise DataValidationError(problems)
