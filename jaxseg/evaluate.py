@@ -21,8 +21,11 @@ SUMMARY_METRICS = ("dice", "f1", "precision", "recall", "hd", "hd95", "asd", "su
 def evaluate_cases(predict, cache: Cache, case_ids: Sequence[str], out_dir: str | Path,
                    write_nifti: bool = True, figures: int = 4, progress: bool = True, write: bool = True) -> dict:
     """``predict(image (X, Y, Z, C)) -> labels (X, Y, Z)`` or multi-hot (X, Y, Z, K) on the cached
-    grid. Metrics use the cached grid and its spacing. Writes (unless ``write`` is False: the
-    other processes of a multi-host run) ``cases.csv``, ``summary.json``, ``summary.md``,
+    grid. Metrics twice: on the cached grid and its spacing (``per_case``: what training saw,
+    and what table1 reports), and in each scan's own geometry against its original label file
+    (``per_case_native``: the prediction mapped back, as clinicians and nnU-Net measure; None
+    for a case whose label file is gone). Writes (unless ``write`` is False: the other processes
+    of a multi-host run) ``cases.csv`` (a ``grid`` column), ``summary.json``, ``summary.md``,
     ``predictions/<case>.nii.gz`` (original geometry) and ``figures/*.png``."""
     from tqdm import tqdm
 
@@ -32,7 +35,7 @@ def evaluate_cases(predict, cache: Cache, case_ids: Sequence[str], out_dir: str 
         (out / "predictions").mkdir(parents=True, exist_ok=True)
     multilabel = cache.regions is not None
     names = cache.class_names
-    rows, per_case = [], []
+    rows, per_case, per_native = [], [], []
     for i, cid in enumerate(tqdm(case_ids, desc="evaluate", unit="case", disable=not progress)):
         image = np.asarray(cache.image(cid))
         truth = np.asarray(cache.label(cid))
@@ -45,24 +48,53 @@ def evaluate_cases(predict, cache: Cache, case_ids: Sequence[str], out_dir: str 
         else:
             m = M.case_metrics(pred, truth, spacing, class_names=names, num_classes=cache.num_classes)
         per_case.append(m)
-        for cls, vals in m.items():
-            rows.append({"case": cid, "class": cls, **{k: vals[k] for k in (*SUMMARY_METRICS, "tp", "fp", "fn")}})
+        restored, affine = restore_label(pred, meta)
+        native = _native_metrics(restored, affine, meta, cache, names)
+        per_native.append(native)
+        for grid, metrics in (("cache", m), ("native", native or {})):
+            for cls, vals in metrics.items():
+                rows.append({"case": cid, "grid": grid, "class": cls,
+                             **{k: vals[k] for k in (*SUMMARY_METRICS, "tp", "fp", "fn")}})
         if write_nifti:
-            restored, affine = restore_label(pred, meta)
             save_nifti(out / "predictions" / f"{cid}.nii.gz", restored.astype(np.uint8), affine)
         if i < figures:
             overlay_png(image, truth, pred, multilabel, out / "figures" / f"{cid}.png", title=cid)
+    natives = [n for n in per_native if n is not None]
     summary = {"aggregate": M.aggregate(per_case, SUMMARY_METRICS),
                "pooled": M.pooled_precision_recall(per_case), "cases": list(case_ids),
-               "per_case": dict(zip(case_ids, per_case))}
+               "per_case": dict(zip(case_ids, per_case)),
+               "aggregate_native": M.aggregate(natives, SUMMARY_METRICS) if natives else None,
+               "per_case_native": dict(zip(case_ids, per_native))}
     if write:
         with open(out / "cases.csv", "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["case"])
             w.writeheader()
             w.writerows(rows)
         (out / "summary.json").write_text(json.dumps(summary, indent=1))
-        (out / "summary.md").write_text(summary_table(summary["aggregate"]))
+        md = "Cached grid (the training resolution and spacing):\n\n" + summary_table(summary["aggregate"])
+        if natives:
+            md += (f"\nEach scan's own geometry ({len(natives)} of {len(per_native)} cases; prediction mapped back, "
+                   f"against the original label file):\n\n" + summary_table(summary["aggregate_native"]))
+        (out / "summary.md").write_text(md)
     return summary
+
+
+def _native_metrics(restored, affine, meta: Mapping, cache: Cache, names) -> dict | None:
+    """Metrics of a prediction mapped back to its scan's grid, against the original label file
+    (listed in the cache's ``meta['source']``), with the scan's own voxel spacing."""
+    from jaxseg.data.msd import load_nifti
+    from jaxseg.data.preprocess import spacing_of
+
+    source = meta.get("source") or []
+    if len(source) < 2 or not Path(source[1][0]).is_file():
+        return None
+    truth, _ = load_nifti(source[1][0])
+    truth = np.rint(truth).astype(np.int16)
+    spacing = tuple(float(v) for v in spacing_of(np.asarray(affine)))
+    if cache.regions is not None:
+        return M.case_metrics(np.moveaxis(restored, -1, 0), np.moveaxis(label_channels(truth, cache.regions), -1, 0),
+                              spacing, class_names=names)
+    return M.case_metrics(restored.astype(np.int16), truth, spacing, class_names=names, num_classes=cache.num_classes)
 
 
 def mean_foreground_dice(predict, cache: Cache, case_ids: Sequence[str], figure: bool = False):
