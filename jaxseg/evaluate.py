@@ -175,24 +175,35 @@ def overlay_rgb(image, truth, pred, multilabel: bool, title: str = "") -> np.nda
     return rgb
 
 
-def plot_loss_curves(curves: Mapping[str, str | Path], path: str | Path, key: str = "loss") -> None:
-    """One line per metrics.jsonl file (label -> path)."""
+def plot_loss_curves(panels: Mapping[str, Mapping[str, str | Path]], path: str | Path, title: str = "",
+                     chance: Mapping[str, float] | None = None, key: str = "loss") -> None:
+    """One panel per entry of ``panels`` (panel title -> {line label -> metrics.jsonl}); lines
+    whose labels share their first word (an objective) share a colour, so seeds show as a band;
+    ``chance`` (first word -> loss at chance) is drawn dashed in every panel."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for label, p in curves.items():
-        p = Path(p)
-        if not p.is_file():
-            continue
-        recs = [json.loads(l) for l in p.read_text().splitlines() if l.strip()]
-        pts = [(r["step"], r[key]) for r in recs if key in r and math.isfinite(r[key])]
-        if pts:
-            ax.plot(*zip(*pts), label=label)
-    ax.set(xlabel="step", ylabel=key)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    groups = list(dict.fromkeys(label.split()[0] for curves in panels.values() for label in curves))
+    colour = {g: f"C{i}" for i, g in enumerate(groups)}
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
+    for ax, (name, curves) in zip(axes[0], panels.items()):
+        for label, p in curves.items():
+            p = Path(p)
+            if not p.is_file():
+                continue
+            recs = [json.loads(l) for l in p.read_text().splitlines() if l.strip()]
+            pts = [(r["step"], r[key]) for r in recs if key in r and math.isfinite(r[key])]
+            if pts:
+                ax.plot(*zip(*pts), label=label, color=colour[label.split()[0]], alpha=0.8, lw=1.2)
+        for g, v in (chance or {}).items():
+            if g in colour and v is not None:
+                ax.axhline(v, color=colour[g], ls="--", lw=0.8, label=f"{g} at chance")
+        ax.set(xlabel="step", ylabel=key, title=name)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    if title:
+        fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -69,8 +69,12 @@ def run_table1(cfg: Config, workdir: str | Path, objectives=("contrastive", "com
                   "pretraining": {f"seed{s}/{o}": v for (s, o), v in pre.items()},
                   "probe": probe_rows(pre), "convergence": convergence_rows(pre)}
         if is_primary():
-            plot_loss_curves({f"{o} {s} (seed {seed_list[0]})": root / f"seed{seed_list[0]}/pretrain_{o}" / s / "metrics.jsonl"
-                              for o in objectives for s in STAGES}, root / "pretrain_loss.png")
+            chance = {o: v["stages"][STAGES[0]].get("chance_loss") for (_, o), v in pre.items()}
+            plot_loss_curves({f"stage {k + 1} ({st})": {f"{o} seed {sd}": root / f"seed{sd}/pretrain_{o}" / st / "metrics.jsonl"
+                                                        for o in objectives for sd in seed_list}
+                              for k, st in enumerate(STAGES)}, root / "pretrain_loss.png",
+                             title=f"pre-training loss, {len(seed_list)} seed(s); dashed: the loss at chance",
+                             chance=chance)
             atomic_write_text(root / "table1.json", json.dumps(result, indent=1, default=str))
             atomic_write_text(root / "table1.md", report_markdown(result))
         return result

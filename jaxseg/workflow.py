@@ -145,8 +145,10 @@ def run_pretraining(cfg: Config, workdir: str | Path, out_name: str = "pretrain"
         if is_primary():
             save_weights(workdir / "params.msgpack", params)
             atomic_write_text(workdir / "pretrain_summary.json", json.dumps(total, indent=1))
-            plot_loss_curves({f"{p.objective} {s}": workdir / s / "metrics.jsonl" for s in summaries},
-                             workdir / "pretrain_loss.png")
+            plot_loss_curves({f"stage {k + 1} ({s})": {p.objective: workdir / s / "metrics.jsonl"}
+                              for k, s in enumerate(summaries)}, workdir / "pretrain_loss.png",
+                             title=f"pre-training loss ({p.objective}, seed {cfg.seed})",
+                             chance={p.objective: summaries[STAGES[0]].get("chance_loss")})
         return params, total
 
 
