@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import os
 import sys
+import time
+import traceback
 from typing import Callable
 
 from absl import app, flags
@@ -21,9 +23,12 @@ def _fail(message: str, code: int) -> None:
     print(message, file=sys.stderr, flush=True)
     if distributed.multi_process():
         # The others would wait for this process at their next barrier: tell them, and skip
-        # jax.distributed's shutdown, which waits for every process.
+        # jax.distributed's shutdown, which waits for every process. Process 0 hosts the store
+        # the message goes through: give the others a moment to read it.
         distributed.announce_failure(message)
         sys.stdout.flush()
+        if distributed.is_primary():
+            time.sleep(3)
         os._exit(code)
     sys.exit(code)
 
@@ -43,8 +48,11 @@ def run(main: Callable) -> None:
                 raise
             _fail(f"error: {e}", 2 if isinstance(e, UserError) else 3)
         except Exception as e:
-            if distributed.multi_process() and "JaxRuntimeError" in type(e).__name__ and not flags.FLAGS.verbose:
+            if not distributed.multi_process():
+                raise
+            if "JaxRuntimeError" in type(e).__name__ and not flags.FLAGS.verbose:
                 distributed.await_peer_verdict()  # a collective fails when a peer dies: let the watchdog name it
-            raise
+            traceback.print_exc()  # a crash of this process: the others must not wait for it
+            _fail(f"error: crashed ({type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''})", 1)
 
     app.run(wrapped)

@@ -210,7 +210,7 @@ def acquire_folder(folder: str | os.PathLike) -> None:
     run only process 0 locks: the others write nothing there."""
     if not is_primary():
         return
-    folder = Path(folder).absolute()
+    folder = Path(folder).resolve()  # one folder however it is spelled (.., symlinks)
     if folder in _held:
         fd, count = _held[folder]
         _held[folder] = (fd, count + 1)
@@ -239,7 +239,7 @@ def acquire_folder(folder: str | os.PathLike) -> None:
 
 
 def release_folder(folder: str | os.PathLike) -> None:
-    folder = Path(folder).absolute()
+    folder = Path(folder).resolve()
     if folder not in _held:
         return
     fd, count = _held[folder]

@@ -54,13 +54,12 @@ def claim_output_dir(out_dir: str | os.PathLike, settings: dict[str, Any], overw
     record) is refused with what differs, unless ``overwrite``, which empties it first."""
     out = Path(out_dir).absolute()
     settings = json.loads(json.dumps(settings, default=str))  # as it will read back
-    if (out / SETTINGS_FILE).is_file() and json.loads((out / SETTINGS_FILE).read_text()) == settings:
-        return out
-    problem = _problem(out, settings)
+    same = (out / SETTINGS_FILE).is_file() and json.loads((out / SETTINGS_FILE).read_text()) == settings
+    problem = None if same else _problem(out, settings)
     if problem and not overwrite:
         _refuse(problem)
-    barrier(f"claim {out}")  # every process has checked before process 0 changes anything
-    if is_primary():
+    barrier(f"claim {out}")  # every process has checked before process 0 changes anything (and all pass both)
+    if is_primary() and not same:
         if problem:
             shutil.rmtree(out)
         out.mkdir(parents=True, exist_ok=True)

@@ -207,3 +207,32 @@ print("OK", jax.process_index(), jax.process_count(), len(jax.devices()), flush=
     results = _wait(procs, timeout=120)
     for i, (rc, text) in enumerate(results):
         assert rc == 0 and f"OK {i} 2 4" in text, text[-3000:]
+
+
+def test_a_crash_on_one_process_stops_the_others_at_once_naming_it():
+    """An unexpected exception on process 1 (not a user error): process 0, waiting at a barrier,
+    exits within seconds with one line naming process 1 and its error, not after the barrier's
+    timeout."""
+    port = _free_port()
+    script = f"""
+import os
+from experiments import cli
+from jaxseg.distributed import barrier, initialize
+
+def main(argv):
+    pid = int(os.environ["PID"])
+    initialize("localhost:{port}", 2, pid, 30)
+    barrier("start", timeout_s=60)
+    if pid == 1:
+        raise RuntimeError("boom on one host")
+    barrier("never reached", timeout_s=600)
+
+cli.run(main)
+"""
+    procs = [subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, text=True, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, env={**_env(1), "PID": str(i)}) for i in range(2)]
+    t0 = time.monotonic()
+    (rc0, out0), (rc1, out1) = _wait(procs, timeout=120)
+    assert time.monotonic() - t0 < 60
+    assert rc1 == 1 and "boom on one host" in out1
+    assert rc0 == 3 and "process 1 of 2 stopped: error: crashed (RuntimeError: boom on one host)" in out0, out0

@@ -348,6 +348,7 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_step(tmp_path, d
     assert len([l for l in err.splitlines() if "cannot be read" in l]) == 1  # one line, no traceback
     assert summary["start_step"] == 4 and int(resumed.step) == 8
     np.testing.assert_array_equal(np.asarray(resumed.params["w"]), np.asarray(full.params["w"]))
+    assert len(list((tmp_path / "cut" / "checkpoints").glob("damaged-6-*"))) == 1  # set aside, never deleted
 
 
 def test_no_readable_checkpoint_is_one_error_naming_the_folder(tmp_path):
@@ -356,6 +357,14 @@ def test_no_readable_checkpoint_is_one_error_naming_the_folder(tmp_path):
         (tmp_path / "checkpoints" / str(step) / "state" / "_METADATA").unlink()
     with pytest.raises(UserError, match=f"{tmp_path / 'checkpoints'}: no readable checkpoint \\(steps 4, 2"):
         _toy_loop(tmp_path, lambda k: 1.0, 6, ckpt_every=2)
+
+
+def test_a_checkpoint_of_another_process_count_is_named_as_such(tmp_path):
+    _toy_loop(tmp_path, lambda k: 1.0, 2, ckpt_every=2)
+    data = tmp_path / "checkpoints" / "2" / "data"
+    (data / "process_0-of-1.json").rename(data / "process_0-of-2.json")
+    with pytest.raises(UserError, match="written by a run of 2 process\\(es\\); resume it with that many \\(this run has 1\\)"):
+        _toy_loop(tmp_path, lambda k: 1.0, 4, ckpt_every=2)
 
 
 def _fill_disk_run(workdir):

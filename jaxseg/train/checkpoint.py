@@ -12,8 +12,11 @@ reads back without orbax. ``jaxseg.load_model`` reads them.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import shutil
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +25,6 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from jaxseg.distributed import is_primary
 from jaxseg.errors import UserError
 from jaxseg.io import check_writable, disk_fault
 
@@ -79,11 +81,14 @@ class Checkpointer:
     def restore(self, state_template: Any, data_iter: Any | None):
         """(state, extra) from the newest readable step, restoring ``data_iter`` in place; None
         when there is no checkpoint. A step that cannot be read (truncated, garbage, metadata
-        gone) is reported in one line and removed, and the next older one is tried; none
-        readable is a ``UserError`` naming the folder."""
+        gone) is reported in one line and set aside (renamed ``damaged-<step>-<time>``, never
+        deleted), and the next older one is tried; none readable is a ``UserError`` naming the
+        folder. In a multi-process run the processes cannot agree on a fallback without talking,
+        so an unreadable step stops the run instead (one line, naming it)."""
         steps = sorted(self.manager.all_steps(), reverse=True)
         if not steps:
             return None
+        self._check_process_count(steps[0], data_iter)
         abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, state_template)
         for i, step in enumerate(steps):
             items = {"state": ocp.args.StandardRestore(abstract), "extra": ocp.args.JsonRestore()}
@@ -93,21 +98,38 @@ class Checkpointer:
                 out = self.manager.restore(step, args=ocp.args.Composite(**items))
                 _check_finite(out["state"])
             except Exception as e:  # noqa: BLE001 - every kind of damage: cut files, garbage, lost metadata
-                older = f"resuming from step {steps[i + 1]}" if i + 1 < len(steps) else "no older step to fall back on"
                 reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+                if jax.process_count() > 1:
+                    raise UserError(f"{self.directory}: checkpoint step {step} cannot be read on process "
+                                    f"{jax.process_index()} ({reason}); move that step folder away and rerun") from None
+                older = f"resuming from step {steps[i + 1]}" if i + 1 < len(steps) else "no older step to fall back on"
                 print(f"warning: checkpoint step {step} in {self.directory} cannot be read ({reason}); {older}",
                       file=sys.stderr, flush=True)
                 continue
-            if i and is_primary():  # the damaged newer steps would be in the way of the next saves
+            if i:  # the unreadable newer steps would be in the way of the next saves: kept aside, not deleted
                 for bad in steps[:i]:
-                    shutil.rmtree(self.directory / str(bad), ignore_errors=True)
+                    with contextlib.suppress(OSError):
+                        os.rename(self.directory / str(bad), self.directory / f"damaged-{bad}-{int(time.time())}")
                 self.manager.reload()
             return out["state"], out["extra"]
-        raise UserError(f"{self.directory}: no readable checkpoint (steps {', '.join(map(str, steps))} are all "
-                        f"damaged); move the folder away to start this stage over")
+        raise UserError(f"{self.directory}: no readable checkpoint (steps {', '.join(map(str, steps))} cannot be "
+                        f"read); move the folder away to start this stage over")
+
+    def _check_process_count(self, step: int, data_iter: Any | None) -> None:
+        """grain keeps one iterator state per process: a checkpoint of M processes resumes with M."""
+        data = self.directory / str(step) / "data"
+        n = jax.process_count()
+        if data_iter is None or not data.is_dir() or (data / f"process_{jax.process_index()}-of-{n}.json").is_file():
+            return
+        counts = sorted({f.name.split("-of-")[-1].removesuffix(".json") for f in data.glob("process_*-of-*.json")})
+        if counts:
+            raise UserError(f"{self.directory}: checkpoint step {step} was written by a run of {' or '.join(counts)} "
+                            f"process(es); resume it with that many (this run has {n})")
 
     def close(self) -> None:
-        self.manager.close()
+        if not getattr(self, "closed", False):
+            self.closed = True
+            self.manager.close()
 
 
 def _check_finite(state: Any) -> None:

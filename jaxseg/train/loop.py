@@ -150,7 +150,6 @@ class MetricsWriter:
         self.queue.put(None)
         self.thread.join()
         self.file.close()
-        self.board.close()
         if self.error is not None:
             raise self.error
 
@@ -194,80 +193,82 @@ def run_loop(*, name: str, workdir: Path, state: Any, step_fn: Callable, data_it
     ``Preempted``. Returns (state, summary); ``train_s`` counts step time across resumed runs,
     without compilation (``compile_s``), setup, evaluation or checkpointing."""
     workdir = Path(workdir)
-    board = Board(workdir / "tensorboard")  # before the clock: creating it is not training
-    ckpt = Checkpointer(workdir / "checkpoints")
-    feed = DeviceFeed(data_iter, prepare_batch, prefetch)
-    restored = ckpt.restore(state, feed)
-    state, extra = restored if restored is not None else (state, {})
-    history: list[float] = list(extra.get("history", []))
-    converged_at, rule_met_at = extra.get("converged_at"), extra.get("rule_met_at")
-    start = step = int(jax.device_get(state.step))
-    metrics_path = workdir / "metrics.jsonl"
-    if is_primary():
-        _truncate_metrics(metrics_path, start)  # a killed run may have logged steps past its checkpoint
-    bar = tqdm(total=num_steps, initial=start, desc=name, unit="step", disable=not progress, dynamic_ncols=True)
-    clock = Clock(float(extra.get("train_s", 0.0)))
-    done = converged_at is not None or step >= num_steps
+    with contextlib.ExitStack() as stack:  # writers, checkpoints and the bar closed however the run ends
+        board = Board(workdir / "tensorboard")  # before the clock: creating it is not training
+        stack.callback(board.close)
+        ckpt = Checkpointer(workdir / "checkpoints")
+        stack.callback(ckpt.close)
+        feed = DeviceFeed(data_iter, prepare_batch, prefetch)
+        restored = ckpt.restore(state, feed)
+        state, extra = restored if restored is not None else (state, {})
+        history: list[float] = list(extra.get("history", []))
+        converged_at, rule_met_at = extra.get("converged_at"), extra.get("rule_met_at")
+        start = step = int(jax.device_get(state.step))
+        metrics_path = workdir / "metrics.jsonl"
+        if is_primary():
+            _truncate_metrics(metrics_path, start)  # a killed run may have logged steps past its checkpoint
+        bar = tqdm(total=num_steps, initial=start, desc=name, unit="step", disable=not progress, dynamic_ncols=True)
+        stack.callback(bar.close)
+        clock = Clock(float(extra.get("train_s", 0.0)))
+        done = converged_at is not None or step >= num_steps
 
-    def finish(k: int, metrics: dict, data_wait: float, last: bool) -> None:
-        """Step ``k``'s bookkeeping, from values brought to the host once; ``last``: no step
-        after it was dispatched, so ``state`` is this step's and it may evaluate / checkpoint."""
-        nonlocal converged_at, rule_met_at
-        host = jax.device_get(metrics)  # waits for step k only: step k+1 may be running already
-        interval = clock.step_done(data_wait)
-        loss = float(host["loss"])
-        if not math.isfinite(loss):
-            _stop_non_finite(name, loss, k, ckpt)
-        history.append(loss)
-        rec = {"step": k, "loss": loss, "step_time_s": interval, "data_wait_s": data_wait,
-               "crops_per_s": crops_per_step / max(interval, 1e-9),
-               **{m: float(v) for m, v in host.items() if m != "loss" and getattr(v, "ndim", 0) == 0}}
-        if should_stop is not None and should_stop(history):
-            rule_met_at = k if rule_met_at is None else rule_met_at
-            if k >= min_steps and converged_at is None:
-                converged_at, rec["converged"] = k, True
-        if last:
-            trained = clock.train_s()  # up to this step, before its evaluation
-            if evaluate is not None and due(k, eval_every, num_steps):
-                rec.update(_evaluate(evaluate, state, k, writer))
-        writer.row(rec)
-        bar.set_postfix(loss=f"{loss:.4f}", crops_s=f"{rec['crops_per_s']:.1f}", wait=f"{data_wait * 1e3:.0f}ms",
-                        refresh=False)
-        bar.update(1)
-        if last:
-            if due(k, ckpt_every, num_steps) or converged_at is not None or stop.requested:
-                writer.flush()  # every row up to the checkpoint's step is on disk
-                ckpt.save(k, state, feed, {"history": history, "converged_at": converged_at,
-                                           "rule_met_at": rule_met_at, "train_s": trained})
-            clock.restart()  # evaluation and checkpoint time is not training
+        def finish(k: int, metrics: dict, data_wait: float, last: bool) -> None:
+            """Step ``k``'s bookkeeping, from values brought to the host once; ``last``: no step
+            after it was dispatched, so ``state`` is this step's and it may evaluate / checkpoint."""
+            nonlocal converged_at, rule_met_at
+            host = jax.device_get(metrics)  # waits for step k only: step k+1 may be running already
+            interval = clock.step_done(data_wait)
+            loss = float(host["loss"])
+            if not math.isfinite(loss):
+                _stop_non_finite(name, loss, k, ckpt)
+            history.append(loss)
+            rec = {"step": k, "loss": loss, "step_time_s": interval, "data_wait_s": data_wait,
+                   "crops_per_s": crops_per_step / max(interval, 1e-9),
+                   **{m: float(v) for m, v in host.items() if m != "loss" and getattr(v, "ndim", 0) == 0}}
+            if should_stop is not None and should_stop(history):
+                rule_met_at = k if rule_met_at is None else rule_met_at
+                if k >= min_steps and converged_at is None:
+                    converged_at, rec["converged"] = k, True
+            if last:
+                trained = clock.train_s()  # up to this step, before its evaluation
+                if evaluate is not None and due(k, eval_every, num_steps):
+                    rec.update(_evaluate(evaluate, state, k, writer))
+            writer.row(rec)
+            bar.set_postfix(loss=f"{loss:.4f}", crops_s=f"{rec['crops_per_s']:.1f}", wait=f"{data_wait * 1e3:.0f}ms",
+                            refresh=False)
+            bar.update(1)
+            if last:
+                if due(k, ckpt_every, num_steps) or converged_at is not None or stop.requested:
+                    writer.flush()  # every row up to the checkpoint's step is on disk
+                    ckpt.save(k, state, feed, {"history": history, "converged_at": converged_at,
+                                               "rule_met_at": rule_met_at, "train_s": trained})
+                clock.restart()  # evaluation and checkpoint time is not training
 
-    pending = None  # (step, metrics still on the device, data wait)
-    writer = MetricsWriter(metrics_path, board, learning_rate)
-    with StopRequest() as stop, contextlib.closing(writer), _disk_faults_named(workdir, ckpt):
-        clock.restart()
-        while not done:
-            t0 = time.perf_counter()
-            batch = next(feed)
-            t1 = time.perf_counter()
-            state, metrics = step_fn(state, batch)  # dispatched; runs while step - 1 is logged
-            step += 1
-            t2 = time.perf_counter()
-            feed.top_up()
-            wait = (t1 - t0) + (time.perf_counter() - t2)  # host time spent waiting for input
-            if pending is not None:
-                finish(*pending, last=False)
-            pending = (step, metrics, wait)
-            preempt = stop.at_step()  # every process, every step: the sync point needs it
-            stop.requested = stop.requested or preempt
-            done = step >= num_steps or converged_at is not None or stop.requested
-            first = step == start + 1  # waited for, so that its time is compilation + one step, no more
-            if done or first or due(step, ckpt_every, num_steps) or (evaluate is not None and due(step, eval_every,
-                                                                                                 num_steps)):
-                finish(*pending, last=True)
-                pending = None
-                done = done or converged_at is not None
-    bar.close()
-    ckpt.close()
+        pending = None  # (step, metrics still on the device, data wait)
+        writer = MetricsWriter(metrics_path, board, learning_rate)
+        with _disk_faults_named(workdir, ckpt), StopRequest() as stop, contextlib.closing(writer):
+            clock.restart()
+            while not done:
+                t0 = time.perf_counter()
+                batch = next(feed)
+                t1 = time.perf_counter()
+                state, metrics = step_fn(state, batch)  # dispatched; runs while step - 1 is logged
+                step += 1
+                t2 = time.perf_counter()
+                feed.top_up()
+                wait = (t1 - t0) + (time.perf_counter() - t2)  # host time spent waiting for input
+                if pending is not None:
+                    finish(*pending, last=False)
+                pending = (step, metrics, wait)
+                preempt = stop.at_step()  # every process, every step: the sync point needs it
+                stop.requested = stop.requested or preempt
+                done = step >= num_steps or converged_at is not None or stop.requested
+                first = step == start + 1  # waited for, so that its time is compilation + one step, no more
+                if done or first or due(step, ckpt_every, num_steps) or (evaluate is not None and due(step, eval_every,
+                                                                                                     num_steps)):
+                    finish(*pending, last=True)
+                    pending = None
+                    done = done or converged_at is not None
     if stop.requested and converged_at is None and step < num_steps:
         raise Preempted(name, step, ckpt.directory)
     summary = {"name": name, "start_step": start, "end_step": step, "converged_at": converged_at,
@@ -289,12 +290,23 @@ def _disk_faults_named(workdir: Path, ckpt: Checkpointer):
         raise
     except Exception as e:  # noqa: BLE001
         fault = disk_fault(e)
-        if fault is None:
+        if fault is None or not _about(e, workdir):  # e.g. a cache file outside the work dir: not ours to name
             raise
         last = ckpt.latest_step()
         raise UserError(f"{workdir}: {fault} ({type(e).__name__}); the last good checkpoint is "
                         f"{'step ' + str(last) if last is not None else 'none'}. Fix that and rerun the same "
                         f"command to resume") from None
+
+
+def _about(e: BaseException, folder: Path) -> bool:
+    """Whether ``e`` (or what caused it) concerns a path under ``folder``."""
+    folder, seen = str(Path(folder).absolute()), set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if folder in str(Path(getattr(e, "filename", None) or "").absolute()) or folder in str(e):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
 
 
 def _stop_non_finite(name: str, loss: float, step: int, ckpt: Checkpointer):

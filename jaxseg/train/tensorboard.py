@@ -42,3 +42,4 @@ class Board:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+            self.writer = None
