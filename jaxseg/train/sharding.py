@@ -12,7 +12,10 @@ ROW_KEYS = ("image", "label")  # per-crop arrays, split over the devices; the re
 
 
 def data_mesh(devices=None) -> Mesh:
-    return Mesh(np.asarray(devices if devices is not None else jax.devices()), ("data",))
+    """A 1-D mesh with each process's devices contiguous, in process order: host i's rows of a
+    global batch (``jaxseg.data.pipelines.host_rows``) are then block i of the batch."""
+    devices = jax.devices() if devices is None else devices
+    return Mesh(np.asarray(sorted(devices, key=lambda d: (d.process_index, d.id))), ("data",))
 
 
 def replicate(tree: Any, mesh: Mesh) -> Any:
