@@ -149,10 +149,13 @@ class Config:
         """The pre-training input pipeline's settings, derived from this config."""
         from jaxseg.data import PretrainDataConfig
 
+        from jaxseg.losses import SAMPLED_OBJECTIVES
+
         p = self.pretrain
         return PretrainDataConfig(crop_size=self.model.crop_size, volumes_per_step=p.volumes_per_step,
                                   crops_per_volume=p.crops_per_volume, num_partitions=p.num_partitions,
-                                  shared_offset=p.shared_offset)
+                                  shared_offset=p.shared_offset,
+                                  sampled_triplets=p.sampled_triplets if p.objective in SAMPLED_OBJECTIVES else 0)
 
     def finetune_data(self):
         """The fine-tuning input pipeline's settings, derived from this config."""

@@ -31,7 +31,7 @@ from jaxseg.models.unetr import STAGES, UNETR
 from jaxseg.train.checkpoint import check_workdir
 from jaxseg.train.finetune import make_finetune_step
 from jaxseg.train.loop import converged, run_loop
-from jaxseg.train.pretrain import make_pretrain_step, pretrain_state
+from jaxseg.train.pretrain import PretrainSpec, make_pretrain_step, pretrain_state
 from jaxseg.train.sharding import data_mesh, host_shard, replicate, shard_batch
 from jaxseg.train.state import create_state, make_optimizer
 
@@ -129,7 +129,7 @@ def run_pretraining(cfg: Config, workdir: str | Path, out_name: str = "pretrain"
             ds = pretrain_dataset(cache, split["train"], dcfg, seed=cfg.seed * 1000 + stage_idx, shard=host_shard())
             state, summary = run_loop(
                 name=f"pretrain_{stage}", workdir=workdir / stage, state=replicate(state, mesh),
-                step_fn=make_pretrain_step(model, tx, cfg, stage, multilabel),
+                step_fn=make_pretrain_step(model, tx, PretrainSpec.from_config(cfg), stage, multilabel),
                 data_iter=make_iterator(ds, cfg.data.threads), num_steps=steps,
                 prepare_batch=functools.partial(shard_batch, mesh=mesh),
                 crops_per_step=p.volumes_per_step * p.crops_per_volume, ckpt_every=cfg.ckpt_every,

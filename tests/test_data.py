@@ -200,10 +200,16 @@ def test_pretrain_pipeline_shapes_determinism_and_resume(spleen_cache):
     e = ds[3]
     assert e["image"].shape == (4, 32, 32, 32, 1) and e["offset_u"].shape == (3, 4)
     assert (e["offset_u"] == e["offset_u"][:, :1]).all()  # shared offset by default
-    assert e["seed"].dtype == np.int32 and e["seed"] != ds[4]["seed"]  # the step draws sampled triplets from it
+    assert "triplets" not in e  # only a sampled objective's pipeline draws them
     again = pretrain_dataset(spleen_cache, spleen_cache.training, cfg, seed=7)[3]
     np.testing.assert_array_equal(again["image"], e["image"])
-    assert again["seed"] == e["seed"]
+    sampled = pretrain_dataset(spleen_cache, spleen_cache.training, PretrainDataConfig(crop_size=32, sampled_triplets=8),
+                               seed=7)
+    t = sampled[3]["triplets"]
+    assert t.shape == (3, 8, 4) and t.dtype == np.int32 and (t[..., 0] != t[..., 1]).all() and (t[..., 2] != t[..., 3]).all()
+    np.testing.assert_array_equal(sampled[3]["triplets"], t)  # a function of (seed, step)
+    assert not np.array_equal(sampled[4]["triplets"], t)
+    np.testing.assert_array_equal(sampled[3]["image"], e["image"])  # the crops do not depend on it
     it1 = make_iterator(ds, num_threads=1)
     first = [next(it1) for _ in range(3)]
     state = it1.get_state()

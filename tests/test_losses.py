@@ -254,3 +254,14 @@ def test_a_constant_encoder_is_flagged_as_not_learning():
         good = float(get_objective(name)(informative))
         rep = learning_report(good, chance)
         assert rep["learned"] is True and rep["loss_vs_chance"] == pytest.approx(good / chance)
+
+
+def test_the_numpy_triplet_sampler_draws_the_same_valid_set():
+    tri = L.sample_triplets(np.random.default_rng(0), 4, 6, 5000)
+    assert isinstance(tri, np.ndarray) and tri.dtype == np.int32 and tri.shape == (5000, 4)
+    assert (tri[:, 0] != tri[:, 1]).all() and (tri[:, 2] != tri[:, 3]).all()
+    assert set(tri[:, 0]) == set(range(4)) and set(tri[:, 3]) == set(range(6))
+    s = jnp.asarray(RNG.standard_normal((4, 6, 2, 5)).astype(np.float32))
+    vals = [float(L.comparative_sampled(s, L.sample_triplets(np.random.default_rng(k), 4, 6, 16), 0.5))
+            for k in range(300)]
+    assert abs(np.mean(vals) - float(L.comparative_paper(s, 0.5))) < 4 * np.std(vals) / np.sqrt(len(vals))  # unbiased

@@ -19,7 +19,7 @@ from jaxseg.data import PretrainDataConfig, make_iterator, pretrain_dataset
 from jaxseg.io import load_weights, save_weights
 from jaxseg.train.checkpoint import Checkpointer, check_workdir
 from jaxseg.train.loop import NonFiniteLossError, converged, run_loop
-from jaxseg.train.pretrain import make_pretrain_step, pretrain_state
+from jaxseg.train.pretrain import PretrainSpec, make_pretrain_step, pretrain_state
 from jaxseg.workflow import init_params, make_model
 from jaxseg.train.sharding import data_mesh, replicate, shard_batch
 
@@ -36,7 +36,7 @@ def _setup(cache, cfg, stage):
     model = make_model(cfg, cache)
     params = init_params(model, cfg)
     state, tx = pretrain_state(model, params, cfg, stage)
-    step = make_pretrain_step(model, tx, cfg, stage, multilabel=False)
+    step = make_pretrain_step(model, tx, PretrainSpec.from_config(cfg), stage, multilabel=False)
     ds = pretrain_dataset(cache, cache.training, PretrainDataConfig(crop_size=cfg.model.crop_size), seed=0)
     return model, state, step, ds
 
@@ -78,7 +78,7 @@ def test_sequential_step_is_one_graph_with_the_unrolled_numbers(cache, stage="en
     model = make_model(CFG, cache)
     tx = optax.sgd(0.5)  # plain SGD: parameters compare tightly (Adam amplifies rounding of ~0 gradients)
     state = create_state(init_params(model, CFG), tx)
-    step = make_pretrain_step(model, tx, CFG, stage, multilabel=False)
+    step = make_pretrain_step(model, tx, PretrainSpec.from_config(CFG), stage, multilabel=False)
     ds = pretrain_dataset(cache, cache.training, PretrainDataConfig(crop_size=CFG.model.crop_size), seed=0)
     batches = [{k: jnp.asarray(v) for k, v in ds[i].items()} for i in range(2)]
 
@@ -88,7 +88,7 @@ def test_sequential_step_is_one_graph_with_the_unrolled_numbers(cache, stage="en
         for a in range(3):
             def loss_fn(p):
                 f = stage_features(model, p, batch["image"], stage, CFG.pretrain.stage2_output, False)
-                return axis_loss(f, a, batch["offset_u"][a], None, CFG)
+                return axis_loss(f, a, batch["offset_u"][a], None, PretrainSpec.from_config(CFG))
 
             loss, grads = jax.value_and_grad(loss_fn)(params)
             params = jax.tree_util.tree_map(lambda p, g: p - 0.5 * g, params, grads)
@@ -290,7 +290,7 @@ def test_multi_device_matches_single_device(tmp_path):
 import jax, numpy as np, jax.numpy as jnp
 from jaxseg.config import get_config
 from jaxseg.data import Cache, PretrainDataConfig, load_dataset_json, prepare, pretrain_dataset, write_phantom_dataset
-from jaxseg.train.pretrain import make_pretrain_step, pretrain_state
+from jaxseg.train.pretrain import PretrainSpec, make_pretrain_step, pretrain_state
 from jaxseg.workflow import init_params, make_model
 from jaxseg.train.sharding import data_mesh, replicate, shard_batch
 assert len(jax.devices()) == 4
@@ -304,7 +304,7 @@ for devices in (jax.devices()[:1], jax.devices()):
     model = make_model(cfg, cache)
     state, tx = pretrain_state(model, init_params(model, cfg), cfg, "encoder")  # sharding is the same for both stages
     state = replicate(state, mesh)
-    step = make_pretrain_step(model, tx, cfg, "encoder", False)
+    step = make_pretrain_step(model, tx, PretrainSpec.from_config(cfg), "encoder", False)
     ds = pretrain_dataset(cache, cache.training, PretrainDataConfig(crop_size=32), seed=0)
     losses = []
     for k in range(3):
@@ -434,3 +434,30 @@ def test_a_damaged_weights_file_is_refused_naming_it(tmp_path, damage):
     with pytest.raises(WeightsError, match="made for another model"):
         save_weights(path, params)
         load_weights(path, {"a": np.zeros(3, np.float32)})
+
+
+def test_a_sampled_objective_takes_its_triplets_from_the_pipeline(cache):
+    """The jitted step draws nothing: its loss equals the objective evaluated directly on the
+    slices with the batch's triplets."""
+    from jaxseg import losses as L
+    from jaxseg.train.pretrain import axis_loss, stage_features
+
+    cfg = CFG.replace(objective="comparative_sampled", sampled_triplets=16, axis_mode="joint")
+    spec = PretrainSpec.from_config(cfg)
+    model = make_model(cfg, cache)
+    params = init_params(model, cfg)
+    ds = pretrain_dataset(cache, cache.training, cfg.pretrain_data(), seed=0)
+    batch = {k: jnp.asarray(v) for k, v in ds[2].items()}
+    feats = stage_features(model, params, batch["image"], "encoder", "probs", False)
+    for a in range(3):
+        size = L.partition_size(feats.shape[1 + a], 4)
+        offsets = jnp.minimum((batch["offset_u"][a] * size).astype(jnp.int32), size - 1)
+        want = L.comparative_sampled(L.partition_slices(feats, a, offsets), batch["triplets"][a], cfg.pretrain.temperature)
+        np.testing.assert_allclose(float(axis_loss(feats, a, batch["offset_u"][a], batch["triplets"][a], spec)),
+                                   float(want), rtol=1e-6)
+    state, tx = pretrain_state(model, params, cfg, "encoder")
+    step = make_pretrain_step(model, tx, spec, "encoder", False)
+    _, m = step(state, batch)
+    assert np.isfinite(float(m["loss"]))
+    with pytest.raises(ValueError, match="needs the batch's 'triplets'"):
+        step(state, {k: v for k, v in batch.items() if k != "triplets"})

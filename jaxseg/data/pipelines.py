@@ -20,6 +20,7 @@ import numpy as np
 from jaxseg.data.augment import augment, centred_start, crop_at, random_start
 from jaxseg.data.cache import Cache
 from jaxseg.data.preprocess import label_channels
+from jaxseg.losses.partition import sample_triplets
 
 _MAX_STEPS = 2**40  # "infinite" stream; the training loop decides when to stop
 
@@ -31,6 +32,7 @@ class PretrainDataConfig:
     crops_per_volume: int = 2
     num_partitions: int = 4
     shared_offset: bool = True  # the authors' single offset for all partitions
+    sampled_triplets: int = 0  # K triplets per axis for a sampled objective (0: none)
     flip_prob: float = 0.1
     rot90_prob: float = 0.1
     shift_prob: float = 0.5
@@ -93,9 +95,12 @@ def _pretrain_element(vols: _Volumes, cfg: PretrainDataConfig, seed: int, shard:
         rng, img = _row_rng(seed, k, r), vols.images[chosen[r // cfg.crops_per_volume]]
         c = crop_at(img, random_start(rng, img.shape[:3], size), size)
         crops.append(augment(rng, c, flip_prob=cfg.flip_prob, rot90_prob=cfg.rot90_prob, shift_prob=cfg.shift_prob)[0])
-    return {"image": np.stack(crops), "volume": chosen.astype(np.int32),
-            "offset_u": np.broadcast_to(u, (3, p)).astype(np.float32),
-            "seed": np.int32(step.integers(0, 2**31 - 1))}
+    out = {"image": np.stack(crops), "volume": chosen.astype(np.int32),
+           "offset_u": np.broadcast_to(u, (3, p)).astype(np.float32)}
+    if cfg.sampled_triplets:  # the one sampler of jaxseg's training: the step draws nothing itself
+        n = cfg.volumes_per_step * cfg.crops_per_volume
+        out["triplets"] = np.stack([sample_triplets(step, n, p, cfg.sampled_triplets) for _ in range(3)])
+    return out
 
 
 def _finetune_element(vols: _Volumes, cfg: FinetuneDataConfig, regions, seed: int, shard: tuple[int, int],
@@ -144,8 +149,9 @@ def pretrain_dataset(cache: Cache, case_ids: Sequence[str], cfg: PretrainDataCon
     a function of (seed, k, row) alone, so the global batch is the same for any process count),
     and, the same on every host: ``offset_u`` (3, P) uniforms in [0, 1) for each axis' partition
     offsets (the step scales them by the partition size of the map it slices, so one draw serves
-    encoder and decoder stages), ``volume`` (V,), and ``seed``, from which the step draws the
-    triplets of a sampled objective (``jaxseg.losses.sample_triplets``, inside the jitted step)."""
+    encoder and decoder stages), ``volume`` (V,), and with ``cfg.sampled_triplets`` K > 0
+    ``triplets`` (3, K, 4): each axis' (i, j, p, p~) for a sampled objective, drawn here in NumPy
+    (``jaxseg.losses.sample_triplets`` with a Generator) as a function of (seed, k)."""
     vols = _Volumes(cache, case_ids, labels=False)
     host_rows(cfg.volumes_per_step * cfg.crops_per_volume, shard)  # refuse a batch that cannot split, now
     return grain.MapDataset.range(_MAX_STEPS).map(lambda k: _pretrain_element(vols, cfg, seed, shard, k))

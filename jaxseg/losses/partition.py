@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def partition_size(length: int, num_partitions: int) -> int:
@@ -50,12 +51,19 @@ def partition_slices(x: jax.Array, axis: int, offsets: jax.Array) -> jax.Array:
     return jnp.moveaxis(s, -1, 2).reshape(n, p, c, a * b)
 
 
-def sample_triplets(key: jax.Array, num_images: int, num_partitions: int, k: int) -> jax.Array:
+def sample_triplets(key, num_images: int, num_partitions: int, k: int):
     """K comparative triplets drawn uniformly from all (i, j != i, p, p~ != p): int32 ``(K, 4)``
     columns (i, j, p, p~). Uniform over the valid set, so the mean loss over them is an unbiased
-    estimate of the all-triplet mean."""
+    estimate of the all-triplet mean. ``key``: a JAX key (a jax array back), or a NumPy
+    ``Generator`` (a NumPy array back: how jaxseg's input pipeline draws them for every step)."""
     if num_images < 2:
         raise ValueError("comparative triplets need at least 2 images")
+    if isinstance(key, np.random.Generator):
+        i = key.integers(0, num_images, k)
+        j = (i + key.integers(1, num_images, k)) % num_images
+        p = key.integers(0, num_partitions, k)
+        q = (p + key.integers(1, num_partitions, k)) % num_partitions
+        return np.stack([i, j, p, q], axis=1).astype(np.int32)
     ki, kj, kp, kq = jax.random.split(key, 4)
     i = jax.random.randint(ki, (k,), 0, num_images)
     j = (i + jax.random.randint(kj, (k,), 1, num_images)) % num_images

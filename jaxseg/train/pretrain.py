@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Any
 
@@ -27,28 +28,36 @@ def stage_features(model: UNETR, params, images, stage: str, output: str, multil
     return jax.nn.sigmoid(logits) if multilabel else jax.nn.softmax(logits, -1)
 
 
-def axis_loss(feats, axis: int, offset_u, key, cfg: Config):
-    """Objective ``cfg.pretrain.objective`` over the P partition slices of ``feats`` along ``axis``;
+@dataclasses.dataclass(frozen=True)
+class PretrainSpec:
+    """What a pre-training step needs of the config, and no more."""
+    objective: str = "comparative"
+    temperature: float = 1.0
+    num_partitions: int = 4
+    axis_mode: str = "sequential"  # sequential: one update per axis (the paper) | joint
+    stage2_output: str = "probs"  # probs | logits
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> "PretrainSpec":
+        p = cfg.pretrain
+        return cls(p.objective, p.temperature, p.num_partitions, p.axis_mode, p.stage2_output)
+
+
+def axis_loss(feats, axis: int, offset_u, triplets, spec: PretrainSpec):
+    """Objective ``spec.objective`` over the P partition slices of ``feats`` along ``axis``;
     ``offset_u`` (P,) uniforms in [0, 1) become offsets within partitions of this map's size;
-    ``key`` draws the triplets of a sampled objective."""
-    size = L.partition_size(feats.shape[1 + axis], cfg.pretrain.num_partitions)
+    ``triplets`` (K, 4) are a sampled objective's (from the batch), else None."""
+    size = L.partition_size(feats.shape[1 + axis], spec.num_partitions)
     offsets = jnp.minimum((offset_u * size).astype(jnp.int32), size - 1)
     slices = L.partition_slices(feats, axis, offsets)
-    triplets = None
-    if cfg.pretrain.objective in L.SAMPLED_OBJECTIVES:
-        triplets = L.sample_triplets(key, slices.shape[0], cfg.pretrain.num_partitions, cfg.pretrain.sampled_triplets)
-    return L.get_objective(cfg.pretrain.objective)(slices, cfg.pretrain.temperature, triplets=triplets)
+    return L.get_objective(spec.objective)(slices, spec.temperature, triplets=triplets)
 
 
-def traced_axis_loss(feats, axis, offset_u, key, cfg: Config):
+def traced_axis_loss(feats, axis, offset_u, triplets, spec: PretrainSpec):
     """``axis_loss`` for a traced ``axis`` (0, 1 or 2): ``lax.switch`` picks the slicing, so one
     graph of the model serves all three axes."""
-    branches = [lambda f, o, k, a=a: axis_loss(f, a, o, k, cfg) for a in range(3)]
-    return jax.lax.switch(axis, branches, feats, offset_u, key)
-
-
-def _axis_key(batch, axis):
-    return jax.random.fold_in(jax.random.key(batch["seed"]), axis)
+    branches = [lambda f, o, t, a=a: axis_loss(f, a, o, t, spec) for a in range(3)]
+    return jax.lax.switch(axis, branches, feats, offset_u, triplets)
 
 
 class PretrainStep:
@@ -79,26 +88,35 @@ class PretrainStep:
         return state, {"loss": sum(losses) / 3, **{f"loss_axis{a}": losses[a] for a in range(3)}}
 
 
-def make_pretrain_step(model: UNETR, tx, cfg: Config, stage: str, multilabel: bool) -> PretrainStep:
+def make_pretrain_step(model: UNETR, tx, spec: PretrainSpec, stage: str, multilabel: bool) -> PretrainStep:
     """The pre-training step for ``stage`` ('encoder': enc4 features, 'decoder': decoder
-    outputs). Batches carry ``image``, ``offset_u`` (3, P) and ``seed`` (see
-    ``jaxseg.data.pretrain_dataset``)."""
-    L.get_objective(cfg.pretrain.objective)  # an unknown name fails here, before any compile
-    if cfg.pretrain.axis_mode not in ("sequential", "joint"):
-        raise ValueError(f"axis_mode must be 'sequential' or 'joint', got {cfg.pretrain.axis_mode!r}")
+    outputs). Batches carry ``image``, ``offset_u`` (3, P) and, for a sampled objective,
+    ``triplets`` (3, K, 4) (see ``jaxseg.data.pretrain_dataset``)."""
+    L.get_objective(spec.objective)  # an unknown name fails here, before any compile
+    if spec.axis_mode not in ("sequential", "joint"):
+        raise ValueError(f"axis_mode must be 'sequential' or 'joint', got {spec.axis_mode!r}")
+    sampled = spec.objective in L.SAMPLED_OBJECTIVES
     stage = pretraining_stage(stage)
 
     def features(params, batch):
-        return stage_features(model, params, batch["image"], stage, cfg.pretrain.stage2_output, multilabel)
+        return stage_features(model, params, batch["image"], stage, spec.stage2_output, multilabel)
+
+    def triplets(batch, axis):
+        if not sampled:
+            return None
+        if "triplets" not in batch:
+            raise ValueError(f"{spec.objective} needs the batch's 'triplets' (3, K, 4): build the pipeline with "
+                             f"sampled_triplets=K (Config.pretrain_data does)")
+        return batch["triplets"][axis]
 
     def one_axis(params, batch, axis):
-        return traced_axis_loss(features(params, batch), axis, batch["offset_u"][axis], _axis_key(batch, axis), cfg)
+        return traced_axis_loss(features(params, batch), axis, batch["offset_u"][axis], triplets(batch, axis), spec)
 
     def all_axes(params, batch):
         f = features(params, batch)
-        return sum(axis_loss(f, a, batch["offset_u"][a], _axis_key(batch, a), cfg) for a in range(3)) / 3
+        return sum(axis_loss(f, a, batch["offset_u"][a], triplets(batch, a), spec) for a in range(3)) / 3
 
-    if cfg.pretrain.axis_mode == "sequential":
+    if spec.axis_mode == "sequential":
         return PretrainStep(make_train_step(one_axis, tx, count_step=False), sequential=True)
     return PretrainStep(make_train_step(all_axes, tx), sequential=False)
 
