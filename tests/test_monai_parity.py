@@ -72,6 +72,16 @@ def test_to_monai_round_trip_and_monai_forward_on_exported_weights(cfg, tmp_path
     save_monai_checkpoint(params, model, str(tmp_path / "unetr.pt"))
     again = load_monai_checkpoint(str(tmp_path / "unetr.pt"), model)
     np.testing.assert_array_equal(again["params"]["out"]["kernel"], np.asarray(params["params"]["out"]["kernel"]))
+    # the checksum beside the export proves it: two flipped bytes are refused naming the file
+    from jaxseg.io import WeightsError
+
+    assert (tmp_path / "unetr.pt.sha256").read_text().endswith("  unetr.pt\n")
+    data = bytearray((tmp_path / "unetr.pt").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    data[len(data) // 2 + 3] ^= 0xFF
+    (tmp_path / "unetr.pt").write_bytes(bytes(data))
+    with pytest.raises(WeightsError, match="unetr.pt: checksum mismatch"):
+        load_monai_checkpoint(str(tmp_path / "unetr.pt"), model)
 
 
 def test_forward_matches_unmodified_monai_unetr_12_layers():
