@@ -14,7 +14,7 @@ from typing import Callable
 from absl import app, flags
 
 from jaxseg import distributed
-from jaxseg.errors import UserError
+from jaxseg.errors import UserError, first_line
 
 flags.DEFINE_bool("verbose", False, "show the full traceback of a user error")
 
@@ -53,6 +53,6 @@ def run(main: Callable) -> None:
             if "JaxRuntimeError" in type(e).__name__ and not flags.FLAGS.verbose:
                 distributed.await_peer_verdict()  # a collective fails when a peer dies: let the watchdog name it
             traceback.print_exc()  # a crash of this process: the others must not wait for it
-            _fail(f"error: crashed ({type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''})", 1)
+            _fail(f"error: crashed ({type(e).__name__}: {first_line(e, 300, empty='')})", 1)
 
     app.run(wrapped)

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import jax
 
-from jaxseg.errors import UserError
+from jaxseg.errors import UserError, first_line
 
 # JAX's own heartbeat: the coordinator aborts every process this long after one stops. Ours
 # (``PeerWatchdog``) fires first, with one line that names the process.
@@ -77,15 +77,10 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
                                    initialization_timeout=max(heartbeat_timeout_s, 60))
     except Exception as e:  # noqa: BLE001 - jaxlib raises plain RuntimeErrors / XlaRuntimeErrors
         raise DistributedError(f"could not join the multi-process run at {coordinator or 'the detected address'} "
-                               f"as process {process_id}: {_first_line(e)}") from None
+                               f"as process {process_id}: {first_line(e)}") from None
     if jax.process_count() > 1:
         PeerWatchdog(timeout_s=max(heartbeat_timeout_s // 3, 5)).start()
     return jax.process_count() > 1
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
 
 
 _barriers: dict[str, int] = {}
@@ -102,7 +97,7 @@ def barrier(name: str, timeout_s: float = BARRIER_TIMEOUT_S) -> None:
         client.wait_at_barrier(f"jaxseg:{name}:{n}", int(timeout_s * 1000))
     except Exception as e:  # noqa: BLE001
         raise DistributedError(f"process {jax.process_index()}: the other processes did not reach '{name}' within "
-                               f"{timeout_s:.0f} s ({_first_line(e)})") from None
+                               f"{timeout_s:.0f} s ({first_line(e)})") from None
 
 
 class PeerWatchdog(threading.Thread):
@@ -149,7 +144,7 @@ class PeerWatchdog(threading.Thread):
             except Exception as e:  # noqa: BLE001
                 failing_since = failing_since or now
                 if now - failing_since >= min(self.timeout_s, 10) and not self.stopped.is_set():
-                    self._gone(f"lost the coordinator (process 0) ({_first_line(e)})")
+                    self._gone(f"lost the coordinator (process 0) ({first_line(e)})")
                 continue
             for p in list(seen):
                 failed = flags.get(f"jaxseg/failed/{p}")

@@ -187,6 +187,7 @@ def load_monai_checkpoint(path: str, config: UNETR) -> dict:
     'state_dict' / 'model' / 'model_state_dict') and convert it. Imports torch lazily."""
     import torch  # optional dependency: only needed to read .pt files
 
+    from jaxseg.errors import first_line
     from jaxseg.io import WeightsError, file_digest
 
     if not Path(path).is_file():
@@ -197,7 +198,7 @@ def load_monai_checkpoint(path: str, config: UNETR) -> dict:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - torch raises several kinds for cut or garbage files
-        raise WeightsError(f"{path}: damaged or not a PyTorch checkpoint ({str(e).splitlines()[0][:120]})") from None
+        raise WeightsError(f"{path}: damaged or not a PyTorch checkpoint ({first_line(e, 120)})") from None
     for key in ("state_dict", "model_state_dict", "model"):
         if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
             obj = obj[key]

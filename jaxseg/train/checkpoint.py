@@ -25,7 +25,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from jaxseg.errors import UserError
+from jaxseg.errors import UserError, first_line
 from jaxseg.io import check_writable, disk_fault
 
 
@@ -98,7 +98,7 @@ class Checkpointer:
                 out = self.manager.restore(step, args=ocp.args.Composite(**items))
                 _check_finite(out["state"])
             except Exception as e:  # noqa: BLE001 - every kind of damage: cut files, garbage, lost metadata
-                reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+                reason = first_line(e, 160)
                 if jax.process_count() > 1:
                     raise UserError(f"{self.directory}: checkpoint step {step} cannot be read on process "
                                     f"{jax.process_index()} ({reason}); move that step folder away and rerun") from None
