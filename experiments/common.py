@@ -9,7 +9,7 @@ from experiments import cli  # noqa: F401  (--verbose)
 from jaxseg.config import FLAT_NAMES, PRESETS, Config, get_config
 
 FLAGS = flags.FLAGS
-flags.DEFINE_enum("config", "small", sorted(PRESETS), "preset: tiny (tests), small (CPU main job), gpu (one GPU), paper")
+flags.DEFINE_enum("config", "small", sorted(PRESETS), "preset: tiny (tests), small (CPU main job), small_long (small at 64^3: a 4x4x4 token grid), gpu (one GPU), paper")
 flags.DEFINE_string("workdir", "runs/default", "work dir: data cache, checkpoints, metrics, figures")
 flags.DEFINE_bool("progress", True, "progress bars")
 flags.DEFINE_bool("overwrite", False, "replace results in the work dir that were made with other settings")
