@@ -30,16 +30,19 @@ for _name, _value in Config().flat().items():
 def config_from_flags() -> Config:
     """The config from --config and the field flags, validated before any data or compile work
     (an impossible setting raises ``UserError``)."""
+    overrides = {k: FLAGS[k].value for k in FLAT_NAMES if FLAGS[k].value is not None}
+    return get_config(FLAGS.config, **overrides)
+
+
+def start_process() -> None:
+    """What a training process sets up once, after its flags are checked: quiet library logs,
+    the persistent compilation cache, and (multi-host) ``jax.distributed``."""
     from absl import logging
 
     from jaxseg.compilation_cache import enable_compilation_cache
-
-    logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
-    overrides = {k: FLAGS[k].value for k in FLAT_NAMES if FLAGS[k].value is not None}
-    cfg = get_config(FLAGS.config, **overrides)
-    # Identical programs (a rerun, each fine-tuning run, each evaluation) compile once per machine.
-    enable_compilation_cache(FLAGS.compilation_cache)
     from jaxseg.distributed import initialize
 
+    logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+    # Identical programs (a rerun, each fine-tuning run, each evaluation) compile once per machine.
+    enable_compilation_cache(FLAGS.compilation_cache)
     initialize(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id, FLAGS.heartbeat_timeout)
-    return cfg

@@ -6,7 +6,7 @@
 from absl import flags
 
 from experiments import cli
-from experiments.common import FLAGS, config_from_flags
+from experiments.common import FLAGS, config_from_flags, start_process
 from jaxseg.workflow import run_evaluation
 
 flags.DEFINE_string("params", None, "params.msgpack to evaluate", required=True)
@@ -17,6 +17,7 @@ flags.DEFINE_enum("split", "test", ["test", "val"], "which held-out split")
 def main(argv):
     del argv
     cfg = config_from_flags()
+    start_process()
     run_evaluation(cfg, FLAGS.workdir, FLAGS.params, FLAGS.out_name, FLAGS.split, progress=FLAGS.progress,
                    overwrite=FLAGS.overwrite)
     print((FLAGS.workdir.rstrip("/") + f"/{FLAGS.out_name}/summary.md") + ":")

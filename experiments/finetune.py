@@ -6,7 +6,7 @@
 from absl import flags
 
 from experiments import cli
-from experiments.common import FLAGS, config_from_flags
+from experiments.common import FLAGS, config_from_flags, start_process
 from jaxseg.workflow import run_finetuning
 
 flags.DEFINE_string("init", None, "params.msgpack to start from (default: random init)")
@@ -15,7 +15,9 @@ flags.DEFINE_string("out_name", "finetune", "output folder inside the work dir")
 
 def main(argv):
     del argv
-    _, summary = run_finetuning(config_from_flags(), FLAGS.workdir, init=FLAGS.init, out_name=FLAGS.out_name,
+    cfg = config_from_flags()
+    start_process()
+    _, summary = run_finetuning(cfg, FLAGS.workdir, init=FLAGS.init, out_name=FLAGS.out_name,
                                 progress=FLAGS.progress, overwrite=FLAGS.overwrite)
     print(f"fine-tuning: best validation Dice {summary['best']['val_dice']:.3f} at step {summary['best']['step']}")
 

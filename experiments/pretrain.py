@@ -5,13 +5,15 @@
 
 
 from experiments import cli
-from experiments.common import FLAGS, config_from_flags
+from experiments.common import FLAGS, config_from_flags, start_process
 from jaxseg.workflow import run_pretraining
 
 
 def main(argv):
     del argv
-    _, summary = run_pretraining(config_from_flags(), FLAGS.workdir, progress=FLAGS.progress,
+    cfg = config_from_flags()
+    start_process()
+    _, summary = run_pretraining(cfg, FLAGS.workdir, progress=FLAGS.progress,
                                  overwrite=FLAGS.overwrite)
     print(f"pre-training ({summary['objective']}): {summary['steps']} steps, {summary['train_s']:.1f} s training "
           f"(compilation apart: {summary['compile_s']:.1f} s)")

@@ -8,7 +8,7 @@ paper's sizes.
 from absl import flags
 
 from experiments import cli
-from experiments.common import FLAGS, config_from_flags
+from experiments.common import FLAGS, config_from_flags, start_process
 from jaxseg.errors import UserError
 from jaxseg.protocol import run_table1
 
@@ -24,6 +24,7 @@ def main(argv):
             raise UserError(f"--{single} does not apply to table1, which runs every one of --{plural}; "
                             f"use --{plural}={FLAGS[single].value}")
     cfg = config_from_flags()
+    start_process()
     try:
         budgets = tuple(int(b) for b in FLAGS.budgets)
     except ValueError:

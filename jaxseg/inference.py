@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -106,13 +106,30 @@ def sliding_window_inference(predict_fn: Callable[[jax.Array], jax.Array], image
     return jnp.stack(outs)
 
 
-def predict_volume(apply_fn, params, image: np.ndarray, roi: int, sw_batch_size: int = 4,
-                   overlap: float = 0.25, multilabel: bool = False) -> np.ndarray:
-    """Segmentation of one volume (X, Y, Z, C): integer labels (softmax) or a multi-hot
-    (X, Y, Z, K) stack (sigmoid > 0.5). ``apply_fn`` is ``jax.jit(model.apply)``, made once per
-    job: params are an argument, so every case and every validation round reuses one compilation
-    (closing over params would embed them as constants and recompile for each call)."""
-    logits = sliding_window_inference(lambda w: apply_fn(params, w), image[None], roi, sw_batch_size, overlap)[0]
-    if multilabel:
-        return np.asarray(jax.nn.sigmoid(logits) > 0.5).astype(np.uint8)
-    return np.asarray(jnp.argmax(logits, -1)).astype(np.uint8)
+_FLIPS = ((), (0,), (1,), (2,), (0, 1), (0, 2), (1, 2), (0, 1, 2))
+
+
+def make_predictor(model, task, roi: int, sw_batch_size: int = 4, overlap: float = 0.25, flip_tta: bool = False
+                   ) -> Callable[[Any, np.ndarray], np.ndarray]:
+    """``predict(params, image (X, Y, Z, C)) -> probabilities (X, Y, Z, K)`` (float32; the
+    ``task``'s activation, segment with ``task.segment``), the one way jaxseg predicts a volume:
+    validation during fine-tuning, evaluation and ``experiments.predict``. Made once per job:
+    the jitted ``model.apply`` takes params as an argument, so every case and every validation
+    round reuses one compilation. ``flip_tta``: the mean over the 8 flips of the three axes (for
+    a model trained to be flip-invariant: see ``jaxseg.predict.check_flip_tta``)."""
+    apply = jax.jit(model.apply)
+
+    def probs(params, image):
+        logits = sliding_window_inference(lambda w: apply(params, w), image[None], roi, sw_batch_size, overlap)[0]
+        return task.probabilities(logits)
+
+    def predict(params, image):
+        if not flip_tta:
+            return np.asarray(probs(params, image))
+        acc = 0.0
+        for axes in _FLIPS:
+            p = probs(params, np.flip(image, axes) if axes else image)
+            acc = acc + (jnp.flip(p, axes) if axes else p)
+        return np.asarray(acc / len(_FLIPS))
+
+    return predict

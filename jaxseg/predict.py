@@ -11,18 +11,19 @@ affine, orientation).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from pathlib import Path
 from typing import Any, Callable
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jaxseg.data.msd import load_nifti
 from jaxseg.data.preprocess import preprocess_case, restore_label, save_nifti
+from jaxseg.data.task import Task
 from jaxseg.errors import UserError
-from jaxseg.inference import sliding_window_inference
+from jaxseg.inference import make_predictor
 
 MODEL_CARD = "model.json"
 WEIGHTS = ("best.msgpack", "params.msgpack")
@@ -30,12 +31,12 @@ WEIGHTS = ("best.msgpack", "params.msgpack")
 
 @dataclasses.dataclass(frozen=True)
 class Preprocessing:
+    """How a trained run's scans were prepared and predicted, from its model.json."""
+
     target_spacing: tuple[float, float, float]
     is_ct: bool
     ct_range: tuple[float, float]
-    in_channels: int
-    class_names: tuple[str, ...]
-    multilabel: bool  # sigmoid outputs (BraTS regions) instead of softmax classes
+    task: Task  # class names, input channels, classes or regions and the decision rule
     roi: int
     overlap: float = 0.25
     sw_batch_size: int = 4
@@ -45,9 +46,9 @@ class Preprocessing:
 def model_card(cfg, cache) -> dict:
     """What ``load_model`` needs, from a run's config and its data cache."""
     prep = cache.index.get("prepare", {})
+    task = cache.task
     return {"model": cfg.model.size, "crop_size": cfg.model.crop_size, "dtype": cfg.model.dtype,
-            "in_channels": cache.num_channels, "out_channels": cache.num_classes,
-            "class_names": cache.class_names, "multilabel": cache.regions is not None,
+            "out_channels": task.num_classes, **task.card(),
             "target_spacing": list(cache.index["target_spacing"]), "is_ct": bool(cache.index.get("is_ct")),
             "ct_range": list(prep.get("ct_range", (-175.0, 250.0))), "overlap": cfg.eval.overlap,
             "sw_batch_size": cfg.eval.sw_batch_size, "train_flip_prob": cfg.finetune_data().flip_prob}
@@ -71,9 +72,8 @@ def load_model(run: str | Path, dtype: str | None = None) -> tuple[Any, Any, Pre
     model = unetr_from_preset(card["model"], in_channels=card["in_channels"], out_channels=card["out_channels"],
                               img_size=card["crop_size"], dtype=dt)
     params = load_weights(weights, init_params(model))
-    prep = Preprocessing(tuple(card["target_spacing"]), card["is_ct"], tuple(card["ct_range"]), card["in_channels"],
-                         tuple(card["class_names"]), card["multilabel"], card["crop_size"], card["overlap"],
-                         card["sw_batch_size"], card.get("train_flip_prob"))
+    prep = Preprocessing(tuple(card["target_spacing"]), card["is_ct"], tuple(card["ct_range"]), Task.from_card(card),
+                         card["crop_size"], card["overlap"], card["sw_batch_size"], card.get("train_flip_prob"))
     return model, params, prep
 
 
@@ -92,28 +92,13 @@ def check_flip_tta(prep: Preprocessing) -> None:
 
 
 def model_predictor(model, params, prep: Preprocessing, flip_tta: bool = False) -> Callable[[np.ndarray], np.ndarray]:
-    """image on the model's grid (X, Y, Z, C) -> probabilities (X, Y, Z, K): softmax, or sigmoid
-    for multi-label models; with ``flip_tta`` the mean over the 8 flips of the three axes (only
-    for a model trained with flips of p >= 0.5, ``check_flip_tta``)."""
+    """image on the model's grid (X, Y, Z, C) -> probabilities (X, Y, Z, K) of a loaded model
+    (``jaxseg.inference.make_predictor`` with the run's own window settings); ``flip_tta`` only
+    for a model trained with flips of p >= 0.5 (``check_flip_tta``)."""
     if flip_tta:
         check_flip_tta(prep)
-    apply = jax.jit(model.apply)  # params as an argument: one compilation for every case
-
-    def probs(image):
-        logits = sliding_window_inference(lambda w: apply(params, w), image[None], prep.roi, prep.sw_batch_size,
-                                          prep.overlap)[0]
-        return jax.nn.sigmoid(logits) if prep.multilabel else jax.nn.softmax(logits, -1)
-
-    def predict(image):
-        if not flip_tta:
-            return np.asarray(probs(image))
-        acc = 0.0
-        for axes in ((), (0,), (1,), (2,), (0, 1), (0, 2), (1, 2), (0, 1, 2)):
-            p = probs(np.flip(image, axes) if axes else image)
-            acc = acc + (jnp.flip(p, axes) if axes else p)
-        return np.asarray(acc / 8)
-
-    return predict
+    return functools.partial(make_predictor(model, prep.task, prep.roi, prep.sw_batch_size, prep.overlap, flip_tta),
+                             params)
 
 
 def read_scan(path: Path, prep: Preprocessing) -> tuple[np.ndarray, np.ndarray]:
@@ -123,8 +108,8 @@ def read_scan(path: Path, prep: Preprocessing) -> tuple[np.ndarray, np.ndarray]:
         image = image[..., None]
     if image.ndim != 4:
         raise UserError(f"{path}: a {image.ndim}-D image; the model takes 3-D scans (X, Y, Z) or (X, Y, Z, C)")
-    if image.shape[-1] != prep.in_channels:
-        raise UserError(f"{path}: {image.shape[-1]} channel(s); the model was trained on {prep.in_channels}")
+    if image.shape[-1] != prep.task.in_channels:
+        raise UserError(f"{path}: {image.shape[-1]} channel(s); the model was trained on {prep.task.in_channels}")
     if not np.isfinite(image).all():
         raise UserError(f"{path}: contains NaN or infinite values")
     zooms = np.sqrt((affine[:3, :3] ** 2).sum(0))
@@ -150,22 +135,23 @@ def predict_file(path: str | Path, predict: Callable[[np.ndarray], np.ndarray], 
                             f"({image.shape[:3]})")
     case = preprocess_case(image, affine, truth, target_spacing=prep.target_spacing, ct=prep.is_ct,
                            ct_range=prep.ct_range)
+    task = prep.task
     probs = predict(case["image"])
-    seg = (probs > 0.5).astype(np.uint8) if prep.multilabel else np.argmax(probs, -1).astype(np.uint8)
+    seg = task.segment(probs)
     name = path.name.removesuffix(".gz").removesuffix(".nii")
     out_dir.mkdir(parents=True, exist_ok=True)
     restored, orig_affine = restore_label(seg, case["meta"])
     out = {"input": str(path), "segmentation": str(out_dir / f"{name}.nii.gz"),
-           "voxels": {c: int((restored[..., k] if prep.multilabel else restored == k).sum())
-                      for k, c in enumerate(prep.class_names)}}
+           "voxels": {c: int((restored[..., k] if task.multilabel else restored == k).sum())
+                      for k, c in enumerate(task.class_names)}}
     save_nifti(out["segmentation"], restored.astype(np.uint8), orig_affine)
     if probabilities:
         p, _ = restore_label(probs.astype(np.float32), case["meta"])
         out["probabilities"] = str(out_dir / f"{name}_probs.nii.gz")
         save_nifti(out["probabilities"], p.astype(np.float32), orig_affine)
     if figure:
-        from jaxseg.evaluate import overlay_png
+        from jaxseg.figures import overlay_png
 
         grid_truth = None if label is None else np.asarray(case["label"])
-        overlay_png(case["image"], grid_truth, seg, prep.multilabel, out_dir / f"{name}.png", title=name)
+        overlay_png(case["image"], grid_truth, seg, task.multilabel, out_dir / f"{name}.png", title=name)
     return out

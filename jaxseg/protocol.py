@@ -15,7 +15,7 @@ from pathlib import Path
 
 from jaxseg.config import CHOICES, Config
 from jaxseg.errors import UserError
-from jaxseg.evaluate import plot_loss_curves
+from jaxseg.figures import plot_loss_curves
 from jaxseg.models.unetr import STAGES
 from jaxseg.distributed import is_primary, sole_writer
 from jaxseg.io import atomic_write_text

@@ -4,17 +4,18 @@ itself only trains."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 
 from jaxseg.config import Config, job_settings
-from jaxseg.data import (Cache, finetune_dataset, label_budget, load_dataset_json, make_iterator, prepare,
+from jaxseg.data import (Cache, Task, finetune_dataset, label_budget, load_dataset_json, make_iterator, prepare,
                          pretrain_dataset, split_cases, write_phantom_dataset)
 from jaxseg.data.cache import is_current
 from jaxseg.errors import UserError
@@ -23,11 +24,14 @@ from jaxseg.probe import representation_probe
 from jaxseg.distributed import barrier, is_primary, sole_writer
 from jaxseg.io import atomic_write_text, file_digest, load_weights, save_weights
 from jaxseg.run_settings import claim_output_dir, precheck_output_dir
-from jaxseg.evaluate import evaluate_cases, mean_foreground_dice, plot_loss_curves
-from jaxseg.inference import predict_volume
+from jaxseg.evaluate import evaluate_cases, mean_foreground_dice
+from jaxseg.figures import plot_loss_curves
+from jaxseg.inference import make_predictor
+from jaxseg.losses import DID_NOT_LEARN, chance_loss, learning_report
 from jaxseg import models
 from jaxseg.models import unetr_from_preset
 from jaxseg.models.unetr import STAGES, UNETR
+from jaxseg.train.best import BestModel
 from jaxseg.train.checkpoint import check_workdir
 from jaxseg.train.finetune import make_finetune_step
 from jaxseg.train.loop import converged, run_loop
@@ -64,9 +68,9 @@ def ensure_data(cfg: Config, workdir: Path, progress: bool = True) -> Data:
     return cache, split
 
 
-def make_model(cfg: Config, cache: Cache) -> UNETR:
+def make_model(cfg: Config, task: Task) -> UNETR:
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[cfg.model.dtype]
-    return unetr_from_preset(cfg.model.size, in_channels=cache.num_channels, out_channels=cache.num_classes,
+    return unetr_from_preset(cfg.model.size, in_channels=task.in_channels, out_channels=task.num_classes,
                              img_size=cfg.model.crop_size, dtype=dtype)
 
 
@@ -74,33 +78,54 @@ def init_params(model: UNETR, cfg: Config) -> Any:
     return models.init_params(model, cfg.seed)
 
 
-def _job_setup(cfg: Config, workdir, out_name: str, progress: bool, job: str, overwrite: bool = False,
-               extra: dict | None = None, data: Data | None = None, weights: tuple[str, str | Path | None] | None = None):
-    """(root, cache, split, output dir, model, params) for one job; ``data`` is
-    ``ensure_data``'s result when the caller has it already; ``weights`` = (name, path or None)
-    an input weights file (``init``, ``params``), verified and loaded into ``params`` before the
-    output folder is claimed. The output dir records the settings (and the input file, by digest)
-    that its results depend on; other settings are refused before any data is (re)prepared."""
+@dataclasses.dataclass(frozen=True)
+class Job:
+    """One job, as ``start_job`` sets it up: its data, its claimed output folder, its model."""
+
+    root: Path  # the work dir: phantom data, split.json, the default cache
+    cache: Cache
+    split: dict[str, list[str]]  # train / val / test case ids
+    task: Task  # the cache's, computed once
+    out: Path  # the output folder, claimed for this job's settings
+    model: UNETR
+    params: Any  # random init, or the input weights file's
+
+    def predictor(self, cfg: Config):
+        """``predict(params, image) -> probabilities``, one compilation for every case and round."""
+        return make_predictor(self.model, self.task, cfg.model.crop_size, cfg.eval.sw_batch_size, cfg.eval.overlap)
+
+
+def start_job(cfg: Config, workdir: str | Path, out_name: str, settings: dict, *, progress: bool = True,
+              overwrite: bool = False, data: Data | None = None, weights: tuple[str, str | Path | None] | None = None,
+              check: Callable[[Data], None] | None = None) -> Job:
+    """Set up one job whose results depend on ``settings`` (``job_settings``, plus anything
+    else that names them): refuse an output folder made with other settings before any data is
+    (re)prepared; get the data (``data``: ``ensure_data``'s result when the caller has it);
+    ``check`` it; load ``weights`` = (setting name, path or None), an input weights file,
+    verified before the output folder is claimed, which records the settings, the cache's digest
+    and the input file's."""
     root = check_workdir(workdir)
     name, path = weights or (None, None)
     inputs = {} if name is None else {name: None if path is None else {"path": str(Path(path).absolute())}}
-    precheck_output_dir(root / out_name, {**job_settings(cfg, job), **inputs, **(extra or {})}, overwrite,
-                        ignore=("data", *inputs))
+    precheck_output_dir(root / out_name, {**settings, **inputs}, overwrite, ignore=("data", *inputs))
     cache, split = data if data is not None else ensure_data(cfg, root, progress)
-    if job == "finetune" and cfg.finetune.label_budget > len(split["train"]):
-        raise UserError(f"label_budget {cfg.finetune.label_budget} exceeds the {len(split['train'])} labelled training "
-                        f"cases; use 1..{len(split['train'])} (0: all)")
-    model = make_model(cfg, cache)
+    if check is not None:
+        check((cache, split))
+    task = cache.task
+    model = make_model(cfg, task)
     params = init_params(model, cfg)
     if path is not None:
         params = load_weights(path, params)
         inputs[name]["sha256"] = file_digest(path)
-    settings = {**job_settings(cfg, job), "data": file_digest(Path(cache.root) / "cache.json"), **inputs,
-                **(extra or {})}
-    out = claim_output_dir(root / out_name, settings, overwrite)
-    if is_primary() and job in ("pretrain", "finetune"):  # what load_model needs beside the weights
-        atomic_write_text(out / MODEL_CARD, json.dumps(model_card(cfg, cache), indent=1))
-    return root, cache, split, check_workdir(out), model, params
+    out = claim_output_dir(root / out_name, {**settings, "data": file_digest(Path(cache.root) / "cache.json"),
+                                             **inputs}, overwrite)
+    return Job(root, cache, split, task, check_workdir(out), model, params)
+
+
+def _write_model_card(job: Job, cfg: Config) -> None:
+    """What ``jaxseg.predict.load_model`` needs beside a trained run's weights."""
+    if is_primary():
+        atomic_write_text(job.out / MODEL_CARD, json.dumps(model_card(cfg, job.cache), indent=1))
 
 
 def run_pretraining(cfg: Config, workdir: str | Path, out_name: str = "pretrain",
@@ -111,25 +136,26 @@ def run_pretraining(cfg: Config, workdir: str | Path, out_name: str = "pretrain"
     ``pretrain_loss.png``, and in the summary a linear probe of the enc4 features at random
     init and after each stage (``jaxseg.probe``). Returns (params, summary)."""
     with sole_writer(Path(workdir) / out_name):
-        _, cache, split, workdir, model, params = _job_setup(cfg, workdir, out_name, progress, "pretrain", overwrite,
-                                                             data=data)
-        mesh = data_mesh()
-        multilabel = cache.regions is not None
-        dcfg, p = cfg.pretrain_data(), cfg.pretrain
-        encode = jax.jit(functools.partial(model.apply, method=UNETR.encode))
+        job = start_job(cfg, workdir, out_name, job_settings(cfg, "pretrain"), progress=progress, overwrite=overwrite,
+                        data=data)
+        _write_model_card(job, cfg)
+        mesh, params, split = data_mesh(), job.params, job.split
+        dcfg, p, spec = cfg.pretrain_data(), cfg.pretrain, PretrainSpec.from_config(cfg)
+        encode = jax.jit(functools.partial(job.model.apply, method=UNETR.encode))
 
         def probe(params):  # the same crops of the same volumes for every model compared
-            return representation_probe(lambda x: encode(params, x), cache, split["train"], split["val"] + split["test"],
-                                        cfg.model.crop_size, p.num_partitions, seed=cfg.data.seed)
+            return representation_probe(lambda x: encode(params, x), job.cache, split["train"],
+                                        split["val"] + split["test"], cfg.model.crop_size, p.num_partitions,
+                                        seed=cfg.data.seed)
 
         probes = {"random_init": probe(params)}
         summaries = {}
         for stage_idx, (stage, steps) in enumerate(zip(STAGES, (p.stage1_steps, p.stage2_steps))):
-            state, tx = pretrain_state(model, params, cfg, stage)
-            ds = pretrain_dataset(cache, split["train"], dcfg, seed=cfg.seed * 1000 + stage_idx, shard=host_shard())
+            state, tx = pretrain_state(job.model, params, cfg, stage)
+            ds = pretrain_dataset(job.cache, split["train"], dcfg, seed=cfg.seed * 1000 + stage_idx, shard=host_shard())
             state, summary = run_loop(
-                name=f"pretrain_{stage}", workdir=workdir / stage, state=replicate(state, mesh),
-                step_fn=make_pretrain_step(model, tx, PretrainSpec.from_config(cfg), stage, multilabel),
+                name=f"pretrain_{stage}", workdir=job.out / stage, state=replicate(state, mesh),
+                step_fn=make_pretrain_step(job.model, tx, spec, stage, job.task.multilabel),
                 data_iter=make_iterator(ds, cfg.data.threads), num_steps=steps,
                 prepare_batch=functools.partial(shard_batch, mesh=mesh),
                 crops_per_step=p.volumes_per_step * p.crops_per_volume, ckpt_every=cfg.ckpt_every,
@@ -143,10 +169,10 @@ def run_pretraining(cfg: Config, workdir: str | Path, out_name: str = "pretrain"
                  "compile_s": sum(s["compile_s"] or 0.0 for s in summaries.values()),
                  "steps": sum(s["end_step"] for s in summaries.values())}
         if is_primary():
-            save_weights(workdir / "params.msgpack", params)
-            atomic_write_text(workdir / "pretrain_summary.json", json.dumps(total, indent=1))
-            plot_loss_curves({f"stage {k + 1} ({s})": {p.objective: workdir / s / "metrics.jsonl"}
-                              for k, s in enumerate(summaries)}, workdir / "pretrain_loss.png",
+            save_weights(job.out / "params.msgpack", params)
+            atomic_write_text(job.out / "pretrain_summary.json", json.dumps(total, indent=1))
+            plot_loss_curves({f"stage {k + 1} ({s})": {p.objective: job.out / s / "metrics.jsonl"}
+                              for k, s in enumerate(summaries)}, job.out / "pretrain_loss.png",
                              title=f"pre-training loss ({p.objective}, seed {cfg.seed})",
                              chance={p.objective: summaries[STAGES[0]].get("chance_loss")})
         return params, total
@@ -155,8 +181,6 @@ def run_pretraining(cfg: Config, workdir: str | Path, out_name: str = "pretrain"
 def _against_chance(summary: dict, cfg: Config, stage: str) -> dict:
     """The stage's loss at chance for its objective and settings, its final loss (mean of the
     last 10 steps) as a fraction of it, and a warning when it ends within 2% of chance."""
-    from jaxseg.losses import DID_NOT_LEARN, chance_loss, learning_report
-
     p = cfg.pretrain
     chance = chance_loss(p.objective, p.volumes_per_step * p.crops_per_volume, p.num_partitions, p.temperature)
     report = learning_report(summary["final_mean_loss"], chance) if summary["final_mean_loss"] is not None else {}
@@ -167,6 +191,15 @@ def _against_chance(summary: dict, cfg: Config, stage: str) -> dict:
     return {**summary, **report}
 
 
+def _check_label_budget(cfg: Config):
+    def check(data: Data) -> None:
+        n, train = cfg.finetune.label_budget, data[1]["train"]
+        if n > len(train):
+            raise UserError(f"label_budget {n} exceeds the {len(train)} labelled training cases; use "
+                            f"1..{len(train)} (0: all)")
+    return check
+
+
 def run_finetuning(cfg: Config, workdir: str | Path, init: str | Path | None = None,
                    out_name: str = "finetune", progress: bool = True, overwrite: bool = False,
                    data: Data | None = None) -> tuple[Any, dict]:
@@ -175,48 +208,35 @@ def run_finetuning(cfg: Config, workdir: str | Path, init: str | Path | None = N
     ``cfg.finetune.eval_every`` steps keeps the best parameters in ``best.msgpack`` (never the test
     set). Data in ``workdir``, outputs in ``workdir/out_name``. Returns (best params, summary)."""
     with sole_writer(Path(workdir) / out_name):
-        _, cache, split, workdir, model, params = _job_setup(cfg, workdir, out_name, progress, "finetune", overwrite,
-                                                             data=data, weights=("init", init or None))
-        mesh = data_mesh()
-        multilabel = cache.regions is not None
-        ids = label_budget(split["train"], cfg.finetune.label_budget or None, cfg.seed)
-        dcfg = cfg.finetune_data()
+        job = start_job(cfg, workdir, out_name, job_settings(cfg, "finetune"), progress=progress, overwrite=overwrite,
+                        data=data, weights=("init", init or None), check=_check_label_budget(cfg))
+        _write_model_card(job, cfg)
+        mesh, f, val = data_mesh(), cfg.finetune, job.split["val"]
+        ids = label_budget(job.split["train"], f.label_budget or None, cfg.seed)
         tx = make_optimizer(cfg.lr, cfg.weight_decay)
-        state = replicate(create_state(params, tx), mesh)
-        best_path, best_json = workdir / "best.msgpack", workdir / "best.json"
-        best = json.loads(best_json.read_text()) if best_json.is_file() else {"val_dice": -1.0, "step": 0}
-
-        apply_fn = jax.jit(model.apply)
+        state = replicate(create_state(job.params, tx), mesh)
+        best, predict = BestModel(job.out), job.predictor(cfg)
 
         def evaluate(state, step):
-            def predict(image):
-                return predict_volume(apply_fn, state.params, image, cfg.model.crop_size, cfg.eval.sw_batch_size,
-                                      cfg.eval.overlap,
-                                      multilabel)
-
-            d, rgb = mean_foreground_dice(predict, cache, split["val"], figure=is_primary())
-            if d > best["val_dice"]:  # the same on every process (never a file check: hosts see files late)
-                best.update(val_dice=d, step=step)
-                if is_primary():
-                    save_weights(best_path, state.params)
-                    atomic_write_text(best_json, json.dumps(best))
+            d, rgb = mean_foreground_dice(functools.partial(predict, state.params), job.cache, val,
+                                          figure=is_primary())
+            best.offer(d, step, state.params)
             return {"val_dice": d, "images": {} if rgb is None else {"validation/overlay": rgb}}
 
-        ds = finetune_dataset(cache, ids, dcfg, seed=cfg.seed, shard=host_shard())
+        ds = finetune_dataset(job.cache, ids, cfg.finetune_data(), seed=cfg.seed, shard=host_shard())
         state, summary = run_loop(
-            name="finetune", workdir=workdir, state=state, step_fn=make_finetune_step(model, tx, multilabel),
-            data_iter=make_iterator(ds, cfg.data.threads), num_steps=cfg.finetune.steps,
+            name="finetune", workdir=job.out, state=state,
+            step_fn=make_finetune_step(job.model, tx, job.task.multilabel),
+            data_iter=make_iterator(ds, cfg.data.threads), num_steps=f.steps,
             prepare_batch=functools.partial(shard_batch, mesh=mesh),
-            crops_per_step=cfg.finetune.volumes_per_step * cfg.finetune.crops_per_volume,
-            ckpt_every=cfg.ckpt_every, evaluate=evaluate if split["val"] else None, eval_every=cfg.finetune.eval_every,
-            progress=progress, learning_rate=cfg.lr)
-        summary.update(best=best, label_cases=ids)
+            crops_per_step=f.volumes_per_step * f.crops_per_volume, ckpt_every=cfg.ckpt_every,
+            evaluate=evaluate if val else None, eval_every=f.eval_every, progress=progress, learning_rate=cfg.lr)
+        summary.update(best=best.best, label_cases=ids)
+        best.finish(state.params)
         if is_primary():
-            if not best_path.exists():
-                save_weights(best_path, state.params)
-            atomic_write_text(workdir / "finetune_summary.json", json.dumps(summary, indent=1))
+            atomic_write_text(job.out / "finetune_summary.json", json.dumps(summary, indent=1))
         barrier("finetune done")
-        return load_weights(best_path, state.params), summary
+        return best.load(state.params), summary
 
 
 def run_evaluation(cfg: Config, workdir: str | Path, params_path: str | Path, out_name: str = "eval",
@@ -224,15 +244,7 @@ def run_evaluation(cfg: Config, workdir: str | Path, params_path: str | Path, ou
                    data: Data | None = None) -> dict:
     """Evaluate ``params_path`` on the held-out ``split_name`` cases of ``workdir``'s data."""
     with sole_writer(Path(workdir) / out_name):
-        _, cache, split, out, model, params = _job_setup(cfg, workdir, out_name, progress, "evaluate", overwrite,
-                                                         extra={"split": split_name}, data=data,
-                                                         weights=("params", params_path))
-        multilabel = cache.regions is not None
-        apply_fn = jax.jit(model.apply)
-
-        def predict(image):
-            return predict_volume(apply_fn, params, image, cfg.model.crop_size, cfg.eval.sw_batch_size, cfg.eval.overlap,
-                                  multilabel)
-
-        return evaluate_cases(predict, cache, split[split_name], out, progress=progress, write=is_primary())
-
+        job = start_job(cfg, workdir, out_name, {**job_settings(cfg, "evaluate"), "split": split_name},
+                        progress=progress, overwrite=overwrite, data=data, weights=("params", params_path))
+        return evaluate_cases(functools.partial(job.predictor(cfg), job.params), job.cache, job.split[split_name],
+                              job.out, progress=progress, write=is_primary())

@@ -84,6 +84,29 @@ def test_brats_mapping_from_names_not_numbers():
         brats_regions({0: "background", 1: "spleen"})
 
 
+def test_task_decides_and_measures_classes_and_regions_one_way(spleen_cache):
+    """One decision rule: argmax over softmax classes; p > 0.5 per (overlapping) region. Its
+    foreground masks and its model.json record agree with that."""
+    from jaxseg.data import Task
+
+    classes = spleen_cache.task
+    assert classes == Task.of(("background", "spleen"), 1) and not classes.multilabel and classes.num_classes == 2
+    probs = np.array([[0.7, 0.3], [0.4, 0.6]], np.float32)
+    np.testing.assert_array_equal(classes.segment(probs), [0, 1])
+    (name, p, t), = classes.foreground(np.array([0, 1]), np.array([1, 1]))
+    assert name == "spleen" and p.tolist() == [False, True] and t.tolist() == [True, True]
+    regions = Task.of(("TC", "WT", "ET"), 4, brats_regions({0: "background", 1: "edema", 2: "non-enhancing", 3: "enhancing"}))
+    assert regions.multilabel and regions.num_classes == 3
+    np.testing.assert_array_equal(regions.segment(np.array([[0.6, 0.9, 0.2]])), [[1, 1, 0]])  # regions overlap
+    np.testing.assert_array_equal(regions.targets(np.array([3])), [[1, 1, 1]])
+    assert [n for n, _, _ in regions.foreground(np.zeros((1, 3), np.uint8), np.array([0]))] == ["TC", "WT", "ET"]
+    for task in (classes, regions):
+        assert Task.from_card(task.card()) == task
+    logits = np.array([[2.0, -1.0, 0.0]], np.float32)
+    np.testing.assert_allclose(np.asarray(regions.probabilities(logits)), 1 / (1 + np.exp(-logits)), rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(classes.probabilities(logits)).sum(-1), 1.0, rtol=1e-6)
+
+
 def test_every_validation_problem_is_reported_with_its_file(tmp_path, spleen_dir):
     root = tmp_path / "broken"
     shutil.copytree(spleen_dir, root)

@@ -115,7 +115,16 @@ def test_pretrain_finetune_evaluate_entry_points(tmp_path):
     import jaxseg
 
     model, params, prep = jaxseg.load_model(wd / "finetune")  # one call: model, weights, preprocessing
-    assert model.out_channels == 2 and prep.in_channels == 1 and prep.class_names[1] == "spleen"
+    assert model.out_channels == 2 and prep.task.in_channels == 1 and prep.task.class_names[1] == "spleen"
+    from jaxseg.data import Cache
+    from jaxseg.predict import model_predictor
+
+    cache, cid = Cache(wd / "cache"), split["test"][0]  # README's snippet: probabilities, then the task's rule
+    probs = model_predictor(model, params, prep)(np.asarray(cache.image(cid)))
+    assert probs.shape == (*cache.image(cid).shape[:3], 2) and np.allclose(probs.sum(-1), 1, atol=1e-5)
+    mine = nib.load(str(ev / "predictions" / f"{cid}.nii.gz"))  # what experiments.evaluate wrote for the same case
+    from jaxseg.data.preprocess import restore_label
+    np.testing.assert_array_equal(restore_label(prep.task.segment(probs), cache.meta(cid))[0], np.asarray(mine.dataobj))
     for cid in split["test"]:  # predictions come back in the original image geometry
         pred = nib.load(str(ev / "predictions" / f"{cid}.nii.gz"))
         orig = nib.load(str(next(wd.glob(f"phantom_spleen*/imagesTr/{cid}.nii.gz"))))

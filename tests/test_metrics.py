@@ -177,9 +177,9 @@ def test_evaluation_reports_the_cached_grid_and_each_scans_own_geometry(spleen_c
 
     ids = spleen_cache.training[:2]
 
-    def oracle(image):
+    def oracle(image):  # the truth as probabilities
         cid = next(c for c in ids if np.array_equal(np.asarray(spleen_cache.image(c)), image))
-        return np.asarray(spleen_cache.label(cid)).astype(np.int64)
+        return np.eye(2, dtype=np.float32)[np.asarray(spleen_cache.label(cid))]
 
     res = evaluate_cases(oracle, spleen_cache, ids, tmp_path, figures=0, progress=False)
     for cid in ids:

@@ -4,14 +4,14 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from jaxseg.data import load_dataset_json, write_phantom_dataset
+from jaxseg.data import Task, load_dataset_json, write_phantom_dataset
 from jaxseg.data.msd import load_nifti
 from jaxseg.data.preprocess import preprocess_case
 from jaxseg.errors import UserError
 from jaxseg.predict import Preprocessing, predict_file
 
-PREP = Preprocessing(target_spacing=(1.5, 1.5, 1.5), is_ct=True, ct_range=(-175.0, 250.0), in_channels=1,
-                     class_names=("background", "spleen"), multilabel=False, roi=32)
+PREP = Preprocessing(target_spacing=(1.5, 1.5, 1.5), is_ct=True, ct_range=(-175.0, 250.0),
+                     task=Task.of(("background", "spleen"), in_channels=1), roi=32)
 
 
 def _oblique_non_ras(src_img, src_lab, tmp_path):
@@ -67,7 +67,7 @@ def test_scans_that_cannot_match_the_model_are_refused_by_name(tmp_path):
 
 
 def test_figure_draws_the_truth_only_when_a_label_is_given(tmp_path):
-    from jaxseg.evaluate import _overlay_figure
+    from jaxseg.figures import _overlay_figure
 
     image = np.random.default_rng(0).random((16, 16, 8, 1)).astype(np.float32)
     truth = np.zeros((16, 16, 8), np.uint8)

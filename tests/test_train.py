@@ -33,7 +33,7 @@ def cache(spleen_cache):
 
 
 def _setup(cache, cfg, stage):
-    model = make_model(cfg, cache)
+    model = make_model(cfg, cache.task)
     params = init_params(model, cfg)
     state, tx = pretrain_state(model, params, cfg, stage)
     step = make_pretrain_step(model, tx, PretrainSpec.from_config(cfg), stage, multilabel=False)
@@ -75,7 +75,7 @@ def test_sequential_step_is_one_graph_with_the_unrolled_numbers(cache, stage="en
     from jaxseg.train.pretrain import axis_loss, stage_features
     from jaxseg.train.state import create_state
 
-    model = make_model(CFG, cache)
+    model = make_model(CFG, cache.task)
     tx = optax.sgd(0.5)  # plain SGD: parameters compare tightly (Adam amplifies rounding of ~0 gradients)
     state = create_state(init_params(model, CFG), tx)
     step = make_pretrain_step(model, tx, PretrainSpec.from_config(CFG), stage, multilabel=False)
@@ -301,7 +301,7 @@ cfg = get_config("tiny")
 traj = []
 for devices in (jax.devices()[:1], jax.devices()):
     mesh = data_mesh(devices)
-    model = make_model(cfg, cache)
+    model = make_model(cfg, cache.task)
     state, tx = pretrain_state(model, init_params(model, cfg), cfg, "encoder")  # sharding is the same for both stages
     state = replicate(state, mesh)
     step = make_pretrain_step(model, tx, PretrainSpec.from_config(cfg), "encoder", False)
@@ -444,7 +444,7 @@ def test_a_sampled_objective_takes_its_triplets_from_the_pipeline(cache):
 
     cfg = CFG.replace(objective="comparative_sampled", sampled_triplets=16, axis_mode="joint")
     spec = PretrainSpec.from_config(cfg)
-    model = make_model(cfg, cache)
+    model = make_model(cfg, cache.task)
     params = init_params(model, cfg)
     ds = pretrain_dataset(cache, cache.training, cfg.pretrain_data(), seed=0)
     batch = {k: jnp.asarray(v) for k, v in ds[2].items()}

@@ -240,6 +240,13 @@ class Cache:
     def class_names(self) -> list[str]:
         return list(self.regions) if self.regions else [self.labels[k] for k in sorted(self.labels)]
 
+    @property
+    def task(self):
+        """What the model predicts for this data (``jaxseg.data.task.Task``)."""
+        from jaxseg.data.task import Task
+
+        return Task.of(self.class_names, self.num_channels, self.regions)
+
     def image(self, case_id: str) -> np.ndarray:
         return np.load(case_dir(self.root, case_id) / "image.npy", mmap_mode="r")
 

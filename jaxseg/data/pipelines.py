@@ -19,7 +19,6 @@ import numpy as np
 
 from jaxseg.data.augment import augment, centred_start, crop_at, random_start
 from jaxseg.data.cache import Cache
-from jaxseg.data.preprocess import label_channels
 from jaxseg.losses.partition import sample_triplets
 
 _MAX_STEPS = 2**40  # "infinite" stream; the training loop decides when to stop
@@ -103,7 +102,7 @@ def _pretrain_element(vols: _Volumes, cfg: PretrainDataConfig, seed: int, shard:
     return out
 
 
-def _finetune_element(vols: _Volumes, cfg: FinetuneDataConfig, regions, seed: int, shard: tuple[int, int],
+def _finetune_element(vols: _Volumes, cfg: FinetuneDataConfig, task, seed: int, shard: tuple[int, int],
                       k: int) -> dict:
     n = len(vols.ids)
     size = (cfg.crop_size,) * 3
@@ -127,7 +126,7 @@ def _finetune_element(vols: _Volumes, cfg: FinetuneDataConfig, regions, seed: in
         ci, cl = augment(rng, crop_at(img, start, size), crop_at(lab, start, size), flip_prob=cfg.flip_prob,
                          rot90_prob=cfg.rot90_prob, shift_prob=cfg.shift_prob)
         images.append(ci)
-        labels.append(label_channels(cl, regions) if regions else cl.astype(np.int32))
+        labels.append(task.targets(cl))
     return {"image": np.stack(images), "label": np.stack(labels), "volume": np.asarray(chosen, np.int32)}
 
 
@@ -164,9 +163,9 @@ def finetune_dataset(cache: Cache, case_ids: Sequence[str], cfg: FinetuneDataCon
     TC/WT/ET for BraTS-like caches; and ``volume`` (V,) the case indices used. Volumes follow a
     seeded permutation per epoch (every case once per epoch); crop centres are foreground /
     background 1:1."""
-    vols = _Volumes(cache, case_ids, labels=True, order_seed=seed)
+    vols, task = _Volumes(cache, case_ids, labels=True, order_seed=seed), cache.task
     host_rows(cfg.volumes_per_step * cfg.crops_per_volume, shard)
-    return grain.MapDataset.range(_MAX_STEPS).map(lambda k: _finetune_element(vols, cfg, cache.regions, seed, shard, k))
+    return grain.MapDataset.range(_MAX_STEPS).map(lambda k: _finetune_element(vols, cfg, task, seed, shard, k))
 
 
 def make_iterator(ds: grain.MapDataset, num_threads: int = 2, prefetch: int = 4):

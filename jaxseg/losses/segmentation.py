@@ -17,6 +17,12 @@ def _concrete(x) -> bool:
     return not isinstance(x, jax.core.Tracer)
 
 
+def output_probabilities(logits, multilabel: bool) -> jax.Array:
+    """A segmentation model's logits (..., K) as probabilities: a sigmoid per (overlapping)
+    region for multi-label tasks, else a softmax over classes."""
+    return jax.nn.sigmoid(logits) if multilabel else jax.nn.softmax(logits, -1)
+
+
 def _probs_and_onehot(logits, target, mode):
     if mode not in ("softmax", "sigmoid"):
         raise ValueError(f"mode must be 'softmax' or 'sigmoid', got {mode!r}")
@@ -37,8 +43,7 @@ def _probs_and_onehot(logits, target, mode):
         out_of_range = jnp.bool_(False)
     if target.shape != logits.shape:
         raise ValueError(f"target shape {target.shape} matches neither labels {logits.shape[:-1]} nor logits {logits.shape}")
-    probs = jax.nn.softmax(logits, -1) if mode == "softmax" else jax.nn.sigmoid(logits)
-    return logits, probs, target.astype(jnp.float32), out_of_range
+    return logits, output_probabilities(logits, mode == "sigmoid"), target.astype(jnp.float32), out_of_range
 
 
 def dice_loss(logits, target, mode: str = "softmax", include_background: bool = True,

@@ -25,7 +25,7 @@ def stage_features(model: UNETR, params, images, stage: str, output: str, multil
     logits = model.apply(params, images).astype(jnp.float32)
     if output == "logits":
         return logits
-    return jax.nn.sigmoid(logits) if multilabel else jax.nn.softmax(logits, -1)
+    return L.output_probabilities(logits, multilabel)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,0 +1,86 @@
+"""What a dataset asks the model to predict, as one value computed once from its cache (or a
+trained run's model.json) and passed on: the output channels' names, whether they are classes
+(softmax, one label per voxel) or overlapping regions (sigmoid, BraTS' TC / WT / ET), and the
+one decision rule that turns probabilities into a segmentation."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Mapping, Sequence
+
+import jax
+import numpy as np
+
+from jaxseg.data.preprocess import label_channels
+from jaxseg.losses.segmentation import output_probabilities
+
+
+@dataclasses.dataclass(frozen=True, eq=True)
+class Task:
+    class_names: tuple[str, ...]  # one per model output channel
+    in_channels: int
+    # Multi-label: region name -> the label values it holds (BraTS regions); None: one class per label.
+    regions: Mapping[str, tuple[int, ...]] | None = None
+
+    def __post_init__(self):
+        if self.regions is not None and tuple(self.regions) != tuple(self.class_names):
+            raise ValueError(f"regions {list(self.regions)} do not match class names {list(self.class_names)}")
+
+    @classmethod
+    def of(cls, class_names: Sequence[str], in_channels: int, regions: Mapping[str, Sequence[int]] | None = None
+           ) -> "Task":
+        regions = None if regions is None else {k: tuple(int(v) for v in vs) for k, vs in regions.items()}
+        return cls(tuple(class_names), int(in_channels), regions)
+
+    @property
+    def multilabel(self) -> bool:
+        """Sigmoid outputs, one per (possibly overlapping) region, instead of softmax classes."""
+        return self.regions is not None
+
+    @property
+    def num_classes(self) -> int:
+        """Model output channels."""
+        return len(self.class_names)
+
+    def probabilities(self, logits: jax.Array) -> jax.Array:
+        """Logits (..., K) -> probabilities: sigmoid per region, or softmax over classes."""
+        return output_probabilities(logits, self.multilabel)
+
+    def segment(self, probs) -> np.ndarray:
+        """The decision rule, the only one in jaxseg: regions where p > 0.5 (multi-hot
+        (..., K) uint8), else the most probable class (uint8 labels (...))."""
+        probs = np.asarray(probs)
+        return (probs > 0.5).astype(np.uint8) if self.multilabel else np.argmax(probs, -1).astype(np.uint8)
+
+    def targets(self, label: np.ndarray) -> np.ndarray:
+        """An integer label map as the model's targets: multi-hot regions (..., K) uint8, or the
+        labels themselves (int32)."""
+        return label_channels(label, self.regions) if self.multilabel else np.asarray(label).astype(np.int32)
+
+    def foreground(self, seg: np.ndarray, label: np.ndarray) -> list[tuple[str, np.ndarray, np.ndarray]]:
+        """(name, predicted mask, true mask) per foreground channel: every region, or every
+        class but background; ``seg`` as ``segment`` returns it, ``label`` an integer map."""
+        if self.multilabel:
+            truth = self.targets(label)
+            return [(n, seg[..., k] > 0, truth[..., k] > 0) for k, n in enumerate(self.class_names)]
+        return [(n, seg == k, label == k) for k, n in enumerate(self.class_names) if k > 0]
+
+    def channels_first(self, seg: np.ndarray, label: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(prediction, truth) in the layout ``jaxseg.metrics.case_metrics`` takes: (K, ...)
+        multi-hot stacks for regions, integer label maps for classes."""
+        if self.multilabel:
+            return np.moveaxis(seg, -1, 0), np.moveaxis(self.targets(label), -1, 0)
+        return np.asarray(seg).astype(np.int16), np.rint(np.asarray(label)).astype(np.int16)
+
+    def card(self) -> dict:
+        """As a trained run's model.json records it."""
+        return {"class_names": list(self.class_names), "in_channels": self.in_channels,
+                "multilabel": self.multilabel,
+                "regions": None if self.regions is None else {k: list(v) for k, v in self.regions.items()}}
+
+    @classmethod
+    def from_card(cls, card: Mapping) -> "Task":
+        regions = card.get("regions")
+        if regions is None and card.get("multilabel"):  # model.json of an older jaxseg: names only
+            regions = {n: () for n in card["class_names"]}
+        return cls.of(card["class_names"], card["in_channels"], regions)
