@@ -5,6 +5,7 @@ geometry, and overlay figures (drawn by ``jaxseg.figures``)."""
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 from pathlib import Path
@@ -17,6 +18,7 @@ from jaxseg.data.cache import Cache
 from jaxseg.data.preprocess import restore_label, save_nifti
 from jaxseg.data.task import Task
 from jaxseg.figures import overlay_png, overlay_rgb
+from jaxseg.io import atomic_write_text
 
 Probabilities = Callable[[np.ndarray], np.ndarray]  # image (X, Y, Z, C) on the cache grid -> (X, Y, Z, K)
 
@@ -73,16 +75,17 @@ def evaluate_cases(probabilities: Probabilities, cache: Cache, case_ids: Sequenc
                "aggregate_native": M.aggregate(natives, SUMMARY_METRICS) if natives else None,
                "per_case_native": dict(zip(case_ids, per_native))}
     if write:
-        with open(out / "cases.csv", "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["case"])
-            w.writeheader()
-            w.writerows(rows)
-        (out / "summary.json").write_text(json.dumps(summary, indent=1))
+        table = io.StringIO(newline="")
+        w = csv.DictWriter(table, fieldnames=list(rows[0]) if rows else ["case"])
+        w.writeheader()
+        w.writerows(rows)
+        atomic_write_text(out / "cases.csv", table.getvalue())
+        atomic_write_text(out / "summary.json", json.dumps(summary, indent=1))
         md = "Cached grid (the training resolution and spacing):\n\n" + summary_table(summary["aggregate"])
         if natives:
             md += (f"\nEach scan's own geometry ({len(natives)} of {len(per_native)} cases; prediction mapped back, "
                    f"against the original label file):\n\n" + summary_table(summary["aggregate_native"]))
-        (out / "summary.md").write_text(md)
+        atomic_write_text(out / "summary.md", md)
     return summary
 
 

@@ -461,3 +461,23 @@ def test_a_sampled_objective_takes_its_triplets_from_the_pipeline(cache):
     assert np.isfinite(float(m["loss"]))
     with pytest.raises(ValueError, match="needs the batch's 'triplets'"):
         step(state, {k: v for k, v in batch.items() if k != "triplets"})
+
+
+def test_best_model_keeps_the_highest_score_across_a_resume(tmp_path):
+    """A score that does not beat the best (or NaN) keeps the old weights; a resumed run reads
+    the best so far from its folder and goes on comparing against it."""
+    from jaxseg.train.best import BestModel
+
+    best = BestModel(tmp_path)
+    assert best.offer(0.3, 10, {"w": np.ones(2, np.float32)}) and not best.offer(0.2, 20, {"w": np.zeros(2, np.float32)})
+    assert not best.offer(float("nan"), 30, {"w": np.zeros(2, np.float32)})
+    again = BestModel(tmp_path)  # after a restart
+    assert again.best == {"val_dice": 0.3, "step": 10}
+    assert not again.offer(0.25, 40, {"w": np.zeros(2, np.float32)})
+    np.testing.assert_array_equal(again.load({"w": np.zeros(2, np.float32)})["w"], [1, 1])
+    again.finish({"w": np.zeros(2, np.float32)})  # something was kept: finish leaves it
+    np.testing.assert_array_equal(again.load({"w": np.zeros(2, np.float32)})["w"], [1, 1])
+    fresh = BestModel(tmp_path / "none")
+    (tmp_path / "none").mkdir()
+    fresh.finish({"w": np.full(2, 5, np.float32)})  # no validation: the final params
+    np.testing.assert_array_equal(fresh.load({"w": np.zeros(2, np.float32)})["w"], [5, 5])
