@@ -128,6 +128,10 @@ class PeerWatchdog(threading.Thread):
         self.stopped.set()
         with contextlib.suppress(Exception):
             _client().key_value_set(f"jaxseg/done/{self.me}", "1", allow_overwrite=True)
+        if self.is_alive() and threading.current_thread() is not self:
+            # A daemon thread still inside a key-value call when the interpreter finalizes
+            # aborts the process ("FATAL: exception not rethrown", status -6) after its work is done.
+            self.join(timeout=max(5 * self.interval_s, 5))
 
     def run(self) -> None:
         client = _client()

@@ -100,7 +100,7 @@ def _native_metrics(task: Task, restored, affine, meta: Mapping) -> dict | None:
         return None
     truth, _ = load_nifti(source[1][0])
     spacing = tuple(float(v) for v in spacing_of(np.asarray(affine)))
-    return case_metrics(task, restored, np.rint(truth).astype(np.int16), spacing)
+    return case_metrics(task, restored, np.rint(truth).astype(np.int16), spacing)  # label files may hold floats
 
 
 def mean_foreground_dice(probabilities: Probabilities, cache: Cache, case_ids: Sequence[str], figure: bool = False):

@@ -111,8 +111,9 @@ _FLIPS = ((), (0,), (1,), (2,), (0, 1), (0, 2), (1, 2), (0, 1, 2))
 
 def make_predictor(model, task, roi: int, sw_batch_size: int = 4, overlap: float = 0.25, flip_tta: bool = False
                    ) -> Callable[[Any, np.ndarray], np.ndarray]:
-    """``predict(params, image (X, Y, Z, C)) -> probabilities (X, Y, Z, K)`` (float32; the
-    ``task``'s activation, segment with ``task.segment``), the one way jaxseg predicts a volume:
+    """``predict(params, image (X, Y, Z, C)) -> probabilities (X, Y, Z, K)`` (a float32 device
+    array: ``task.segment`` decides there and brings back uint8; ``np.asarray`` for the
+    probabilities themselves), the one way jaxseg predicts a volume:
     validation during fine-tuning, evaluation and ``experiments.predict``. Made once per job:
     the jitted ``model.apply`` takes params as an argument, so every case and every validation
     round reuses one compilation. ``flip_tta``: the mean over the 8 flips of the three axes (for
@@ -125,11 +126,11 @@ def make_predictor(model, task, roi: int, sw_batch_size: int = 4, overlap: float
 
     def predict(params, image):
         if not flip_tta:
-            return np.asarray(probs(params, image))
+            return probs(params, image)
         acc = 0.0
         for axes in _FLIPS:
             p = probs(params, np.flip(image, axes) if axes else image)
             acc = acc + (jnp.flip(p, axes) if axes else p)
-        return np.asarray(acc / len(_FLIPS))
+        return acc / len(_FLIPS)
 
     return predict

@@ -146,7 +146,7 @@ def predict_file(path: str | Path, predict: Callable[[np.ndarray], np.ndarray], 
                       for k, c in enumerate(task.class_names)}}
     save_nifti(out["segmentation"], restored.astype(np.uint8), orig_affine)
     if probabilities:
-        p, _ = restore_label(probs.astype(np.float32), case["meta"])
+        p, _ = restore_label(np.asarray(probs, np.float32), case["meta"])
         out["probabilities"] = str(out_dir / f"{name}_probs.nii.gz")
         save_nifti(out["probabilities"], p.astype(np.float32), orig_affine)
     if figure:

@@ -101,7 +101,12 @@ def test_task_decides_and_measures_classes_and_regions_one_way(spleen_cache):
     np.testing.assert_array_equal(regions.targets(np.array([3])), [[1, 1, 1]])
     assert [n for n, _, _ in regions.foreground(np.zeros((1, 3), np.uint8), np.array([0]))] == ["TC", "WT", "ET"]
     for task in (classes, regions):
-        assert Task.from_card(task.card()) == task
+        assert Task.from_card(task.card()) == task and hash(task) == hash(Task.from_card(task.card()))
+    old = Task.from_card({k: v for k, v in regions.card().items() if k != "regions"})  # an older model.json
+    assert old.multilabel and old.class_names == ("TC", "WT", "ET")
+    np.testing.assert_array_equal(old.segment(np.array([[0.6, 0.9, 0.2]])), [[1, 1, 0]])  # it still predicts
+    with pytest.raises(ValueError, match="does not record which label values"):
+        old.targets(np.array([3]))  # but cannot say what a label map means, rather than compare against nothing
     logits = np.array([[2.0, -1.0, 0.0]], np.float32)
     np.testing.assert_allclose(np.asarray(regions.probabilities(logits)), 1 / (1 + np.exp(-logits)), rtol=1e-6)
     np.testing.assert_allclose(np.asarray(classes.probabilities(logits)).sum(-1), 1.0, rtol=1e-6)
@@ -145,7 +150,7 @@ def test_missing_dataset_json(tmp_path):
 
 
 def test_cache_contents_and_skip(spleen_dir, spleen_cache):
-    assert len(spleen_cache.training) == 6 and spleen_cache.num_classes == 2
+    assert len(spleen_cache.training) == 6 and spleen_cache.task.num_classes == 2
     img = spleen_cache.image(spleen_cache.training[0])
     assert img.ndim == 4 and img.shape[-1] == 1 and img.dtype == np.float32
     assert 0.0 <= float(img.min()) and float(img.max()) <= 1.0  # CT window scaled to [0, 1]

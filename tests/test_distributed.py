@@ -19,16 +19,48 @@ import pytest
 from jaxseg.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
-# Tiny pre-training, long enough to be interrupted mid-stage; checkpoints every 2 steps (tiny preset).
+# Tiny pre-training, long enough to be interrupted mid-stage; a checkpoint every 8 steps (each
+# costs more than a tiny step), and one when preempted.
 PRETRAIN = ["--config=tiny", "--noprogress", "--phantom_subjects=6", "--stage1_steps=16", "--stage2_steps=3",
-            "--objective=comparative"]
+            "--objective=comparative", "--ckpt_every=8"]
 TIMEOUT_S = 240
+DATA: list[str] = []  # --data_dir / --cache_dir of one dataset prepared for the whole module
+
+
+@pytest.fixture(scope="module", autouse=True)
+def shared_data(tmp_path_factory):
+    """One phantom dataset and cache for every run here (each run would otherwise make its own)."""
+    from jaxseg.config import get_config
+    from jaxseg.data import load_dataset_json, prepare, write_phantom_dataset
+
+    root = tmp_path_factory.mktemp("data")
+    cfg = get_config("tiny", phantom_subjects=6)
+    data = write_phantom_dataset(root / "phantom", "spleen", 6, seed=cfg.data.seed)
+    prepare(load_dataset_json(data), root / "cache", cfg.prepare(), progress=False)
+    DATA[:] = [f"--data_dir={data}", f"--cache_dir={root / 'cache'}"]
+    yield
+    DATA.clear()
 
 
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("localhost", 0))
         return s.getsockname()[1]
+
+
+def _free_slurm_port() -> int:
+    """A free port among those JAX's SLURM support picks from (61440..65535); a port merely
+    derived from a random one may be taken by another connection."""
+    import random
+
+    for port in random.sample(range(61440, 65536), 200):
+        with socket.socket() as s:
+            try:
+                s.bind(("localhost", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port in 61440..65535")
 
 
 def _env(devices: int) -> dict:
@@ -39,11 +71,12 @@ def _env(devices: int) -> dict:
 def _start(workdir, n: int, *extra: str, heartbeat: int = 30) -> list[subprocess.Popen]:
     """n processes of experiments.pretrain (2 devices each); one process: 4 devices."""
     if n == 1:
-        cmd = [sys.executable, "-m", "experiments.pretrain", *PRETRAIN, f"--workdir={workdir}", *extra]
+        cmd = [sys.executable, "-m", "experiments.pretrain", *PRETRAIN, *DATA, f"--workdir={workdir}", *extra]
         return [subprocess.Popen(cmd, cwd=ROOT, env=_env(4), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                  text=True)]
     port = _free_port()
-    return [subprocess.Popen([sys.executable, "-m", "experiments.pretrain", *PRETRAIN, f"--workdir={workdir}", *extra,
+    return [subprocess.Popen([sys.executable, "-m", "experiments.pretrain", *PRETRAIN, *DATA, f"--workdir={workdir}",
+                              *extra,
                               f"--coordinator=localhost:{port}", f"--num_processes={n}", f"--process_id={i}",
                               f"--heartbeat_timeout={heartbeat}"],
                              cwd=ROOT, env=_env(2), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -191,7 +224,7 @@ def test_a_second_run_in_the_same_output_folder_is_refused_at_once(tmp_path):
 
 def test_slurm_environment_is_detected_without_flags():
     """Under SLURM (here its environment, faked for two local tasks) no multi-host flag is needed."""
-    job = str(1000 + _free_port() % 4000)  # JAX derives the coordinator port from the job id
+    job = str(_free_slurm_port() - 61440)  # JAX derives the coordinator port from the job id: 61440 + id % 4096
     script = """
 import jax
 from jaxseg.distributed import barrier, initialize

@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import errno
 import fcntl
+import functools
 import hashlib
 import json
 import multiprocessing as mp
@@ -27,6 +28,7 @@ from jaxseg.io import atomic_write_text, check_writable
 
 from jaxseg.data.msd import Case, DatasetInfo, DataValidationError, check_case, load_nifti
 from jaxseg.data.preprocess import brats_regions, preprocess_case
+from jaxseg.data.task import Task
 
 INDEX = "cache.json"
 
@@ -232,19 +234,12 @@ class Cache:
         return list(self.index["training"])
 
     @property
-    def num_classes(self) -> int:
-        """Model output channels: 3 (TC, WT, ET; sigmoid) for BraTS, else one per label (softmax)."""
-        return len(self.regions) if self.regions else len(self.labels)
-
-    @property
     def class_names(self) -> list[str]:
         return list(self.regions) if self.regions else [self.labels[k] for k in sorted(self.labels)]
 
-    @property
-    def task(self):
-        """What the model predicts for this data (``jaxseg.data.task.Task``)."""
-        from jaxseg.data.task import Task
-
+    @functools.cached_property
+    def task(self) -> Task:
+        """What the model predicts for this data, computed once."""
         return Task.of(self.class_names, self.num_channels, self.regions)
 
     def image(self, case_id: str) -> np.ndarray:

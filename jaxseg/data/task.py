@@ -9,33 +9,33 @@ import dataclasses
 from typing import Mapping, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jaxseg.data.preprocess import label_channels
 from jaxseg.losses.segmentation import output_probabilities
 
 
-@dataclasses.dataclass(frozen=True, eq=True)
+Regions = tuple[tuple[str, tuple[int, ...]], ...]  # (region name, the label values it holds), in output order
+
+
+@dataclasses.dataclass(frozen=True)
 class Task:
     class_names: tuple[str, ...]  # one per model output channel
     in_channels: int
-    # Multi-label: region name -> the label values it holds (BraTS regions); None: one class per label.
-    regions: Mapping[str, tuple[int, ...]] | None = None
+    multilabel: bool = False  # sigmoid outputs, one per (possibly overlapping) region, instead of softmax classes
+    regions: Regions | None = None  # multi-label: each region's label values (None: not recorded)
 
     def __post_init__(self):
-        if self.regions is not None and tuple(self.regions) != tuple(self.class_names):
-            raise ValueError(f"regions {list(self.regions)} do not match class names {list(self.class_names)}")
+        if self.regions is not None and tuple(n for n, _ in self.regions) != self.class_names:
+            raise ValueError(f"regions {[n for n, _ in self.regions]} do not match class names {list(self.class_names)}")
 
     @classmethod
     def of(cls, class_names: Sequence[str], in_channels: int, regions: Mapping[str, Sequence[int]] | None = None
            ) -> "Task":
-        regions = None if regions is None else {k: tuple(int(v) for v in vs) for k, vs in regions.items()}
-        return cls(tuple(class_names), int(in_channels), regions)
-
-    @property
-    def multilabel(self) -> bool:
-        """Sigmoid outputs, one per (possibly overlapping) region, instead of softmax classes."""
-        return self.regions is not None
+        """Softmax classes, or with ``regions`` (name -> label values) sigmoid regions."""
+        pairs = None if regions is None else tuple((k, tuple(int(v) for v in vs)) for k, vs in regions.items())
+        return cls(tuple(class_names), int(in_channels), regions is not None, pairs)
 
     @property
     def num_classes(self) -> int:
@@ -48,14 +48,20 @@ class Task:
 
     def segment(self, probs) -> np.ndarray:
         """The decision rule, the only one in jaxseg: regions where p > 0.5 (multi-hot
-        (..., K) uint8), else the most probable class (uint8 labels (...))."""
-        probs = np.asarray(probs)
-        return (probs > 0.5).astype(np.uint8) if self.multilabel else np.argmax(probs, -1).astype(np.uint8)
+        (..., K) uint8), else the most probable class (uint8 labels (...)). Decided where
+        ``probs`` lives (on the device for a predictor's output), so only uint8 comes back."""
+        seg = probs > 0.5 if self.multilabel else jnp.argmax(probs, -1)
+        return np.asarray(seg).astype(np.uint8)
 
     def targets(self, label: np.ndarray) -> np.ndarray:
         """An integer label map as the model's targets: multi-hot regions (..., K) uint8, or the
         labels themselves (int32)."""
-        return label_channels(label, self.regions) if self.multilabel else np.asarray(label).astype(np.int32)
+        if not self.multilabel:
+            return np.asarray(label).astype(np.int32)
+        if self.regions is None:
+            raise ValueError("this model.json (from an older jaxseg) does not record which label values make each "
+                             f"region of {list(self.class_names)}; label maps cannot be compared with its output")
+        return label_channels(label, dict(self.regions))
 
     def foreground(self, seg: np.ndarray, label: np.ndarray) -> list[tuple[str, np.ndarray, np.ndarray]]:
         """(name, predicted mask, true mask) per foreground channel: every region, or every
@@ -70,17 +76,17 @@ class Task:
         multi-hot stacks for regions, integer label maps for classes."""
         if self.multilabel:
             return np.moveaxis(seg, -1, 0), np.moveaxis(self.targets(label), -1, 0)
-        return np.asarray(seg).astype(np.int16), np.rint(np.asarray(label)).astype(np.int16)
+        return np.asarray(seg).astype(np.int16), np.asarray(label).astype(np.int16)
 
     def card(self) -> dict:
         """As a trained run's model.json records it."""
         return {"class_names": list(self.class_names), "in_channels": self.in_channels,
                 "multilabel": self.multilabel,
-                "regions": None if self.regions is None else {k: list(v) for k, v in self.regions.items()}}
+                "regions": None if self.regions is None else {k: list(v) for k, v in self.regions}}
 
     @classmethod
     def from_card(cls, card: Mapping) -> "Task":
         regions = card.get("regions")
-        if regions is None and card.get("multilabel"):  # model.json of an older jaxseg: names only
-            regions = {n: () for n in card["class_names"]}
+        if regions is None:  # classes, or the regions of an older jaxseg's model.json: names only
+            return cls(tuple(card["class_names"]), int(card["in_channels"]), bool(card.get("multilabel")))
         return cls.of(card["class_names"], card["in_channels"], regions)

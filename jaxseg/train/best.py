@@ -13,8 +13,9 @@ from jaxseg.io import atomic_write_text, load_weights, save_weights
 class BestModel:
     """Keeps ``folder/best.msgpack`` (weights) and ``folder/best.json`` (``val_dice``, ``step``)
     for the highest score offered, so a resumed run goes on comparing against the best before
-    it was stopped. Every process decides alike from the scores (never from files, which other
-    hosts may see late); only process 0 writes."""
+    it was stopped (``best.json`` is read once, at the start, from the shared work dir, as
+    checkpoints are). After that every process decides alike from the scores it computes, never
+    from files, which other hosts may see late; only process 0 writes."""
 
     def __init__(self, folder: str | Path):
         folder = Path(folder)
