@@ -49,3 +49,28 @@ def test_gpu_preset_is_the_paper_protocol_at_its_shapes():
     assert (gpu.lr, gpu.pretrain.temperature, gpu.pretrain.num_partitions) == (1e-4, 1.0, 4)  # the paper's
     # the crop holds the whole phantom at 1 mm, as small's 32^3 crop does at 3 mm
     assert gpu.model.crop_size * gpu.data.target_spacing == small.model.crop_size * small.data.target_spacing
+
+
+def test_small_long_preset_gives_the_vit_a_real_token_grid():
+    """small_long: small at twice the resolution over the same field of view. Its ViT sees a
+    4 x 4 x 4 grid of 64 tokens (small: 2 x 2 x 2 = 8), and each stage-1 partition of the enc4
+    map is a 2-slice slab of an 8 x 8 face (small: one 4 x 4 slice)."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxseg.losses import partition_size
+    from jaxseg.models import unetr_from_preset
+    from jaxseg.models.unetr import UNETR
+
+    long, small = PRESETS["small_long"], PRESETS["small"]
+    assert long.model.crop_size * long.data.target_spacing == small.model.crop_size * small.data.target_spacing
+    assert long.replace(crop_size=32, target_spacing=3.0) == small  # nothing else differs
+    for cfg, tokens, enc4 in ((long, 4, 8), (small, 2, 4)):
+        model = unetr_from_preset(cfg.model.size, in_channels=1, out_channels=2, img_size=cfg.model.crop_size)
+        x = jax.ShapeDtypeStruct((1, *(cfg.model.crop_size,) * 3, 1), jnp.float32)
+        params = jax.eval_shape(model.init, jax.random.key(0), x)
+        grid = cfg.model.crop_size // model.patch_size
+        assert grid == tokens and params["params"]["vit"]["patch_embedding"]["position_embeddings"].shape[1] == tokens ** 3
+        feats = jax.eval_shape(lambda p, v: model.apply(p, v, method=UNETR.encode), params, x)
+        assert feats.shape[1:4] == (enc4,) * 3
+        assert partition_size(enc4, cfg.pretrain.num_partitions) == enc4 // 4
