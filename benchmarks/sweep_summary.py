@@ -27,7 +27,8 @@ def _f(x, pct=False):
 def rows(folder: Path) -> list[str]:
     res = json.loads((folder / "table1.json").read_text())
     cfg = res["config"]
-    label = (f"T={cfg['temperature']}, stage 2 on {cfg['stage2_output']}, min_steps={cfg['min_steps']}, "
+    label = (f"{cfg['crop_size']}^3 at {cfg['target_spacing']:g} mm, T={cfg['temperature']}, stage 2 on "
+             f"{cfg['stage2_output']}, min_steps={cfg['min_steps']}, "
              f"{cfg['phantom'] if not cfg['data_dir'] else Path(cfg['data_dir']).name}")
     out = []
     none_val = _mean([r["best_val_dice"] for r in res["runs"] if r["init"] == "none"])

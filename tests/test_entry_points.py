@@ -204,6 +204,12 @@ def test_table1_main_job_tiny(tmp_path):
     assert {(c["seed"], c["stage"]) for c in res["convergence"]} == {(s, t) for s in (0, 1) for t in ("encoder", "decoder")}
     assert res["pretraining"]["seed0/comparative"]["train_s"] > 0 and (wd / "pretrain_loss.png").is_file()
     assert (wd / "seed1" / "finetune_comparative_2" / "test" / "summary.json").is_file()
+    from benchmarks.sweep_summary import rows  # README's sweep tables come from table1.json this way
+
+    (row,) = rows(wd)
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[0].startswith("32^3 at 1 mm, T=1.0, stage 2 on probs") and cells[1] == "comparative"
+    assert cells[4] == f"{sum(c.get('learned') is False for c in res['convergence'])} of 4"
 
 
 def test_pretrain_throughput_benchmark(tmp_path):
