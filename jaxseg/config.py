@@ -3,7 +3,7 @@ eval) with named presets. Each setting also has one flat name (``FLAT_NAMES``: t
 in settings.json, what ``Config.replace`` takes).
 
 ``tiny``: tests (32^3 crops, 2-layer ViT); ``small``: the CPU main job (32^3 crops at 3 mm, 4 layers);
-``small_long``: small at 64^3 crops and 1.5 mm (a 4x4x4 token grid; about an hour and a half on 2 cores);
+``small_long``: small at 64^3 crops and 1.5 mm (a 4x4x4 token grid; table1 took 72 min on 2 cores);
 ``gpu``: the same protocol at the paper's shapes for one GPU; ``paper``: the paper's sizes (UNETR
 full size, 96^3 spleen crops, P = 4, 10,000 steps, 25,000 fine-tuning steps). Experiments select
 one with ``--config`` and override single settings with flags.
@@ -225,8 +225,9 @@ PRESETS: dict[str, Config] = {
                     finetune_steps=150, finetune_crops_per_volume=2, eval_every=50, ckpt_every=50, lr=1e-3),
     # small at twice the resolution: 64^3 crops at 1.5 mm (the same 96 mm field of view), so
     # the ViT sees a 4x4x4 grid of 64 tokens instead of small's 2x2x2 = 8 and each stage-1
-    # partition is a 8x8 slice of the enc4 map. Everything else as small. Not a 10-minute job
-    # on 2 cores; its measured table is in README ("A real token grid").
+    # partition is a 2-slice slab of the 8x8x8 enc4 map. Everything else as small. Not a 10-minute
+    # job on 2 cores (72 min); its table is in README ("A real token grid"): 150 fine-tuning
+    # steps are too few at this size.
     "small_long": Config.from_flat(model="small", crop_size=64, target_spacing=1.5, phantom_subjects=20,
                          axis_mode="joint", volumes_per_step=2, crops_per_volume=1, stage1_steps=500,
                          stage2_steps=300, min_steps=100, finetune_steps=150, finetune_crops_per_volume=2,
