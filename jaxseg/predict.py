@@ -142,8 +142,7 @@ def predict_file(path: str | Path, predict: Callable[[np.ndarray], np.ndarray], 
     out_dir.mkdir(parents=True, exist_ok=True)
     restored, orig_affine = restore_label(seg, case["meta"])
     out = {"input": str(path), "segmentation": str(out_dir / f"{name}.nii.gz"),
-           "voxels": {c: int((restored[..., k] if task.multilabel else restored == k).sum())
-                      for k, c in enumerate(task.class_names)}}
+           "voxels": {c: int(m.sum()) for c, m in task.masks(restored)}}
     save_nifti(out["segmentation"], restored.astype(np.uint8), orig_affine)
     if probabilities:
         p, _ = restore_label(np.asarray(probs, np.float32), case["meta"])

@@ -191,13 +191,11 @@ def _against_chance(summary: dict, cfg: Config, stage: str) -> dict:
     return {**summary, **report}
 
 
-def _check_label_budget(cfg: Config):
-    def check(data: Data) -> None:
-        n, train = cfg.finetune.label_budget, data[1]["train"]
-        if n > len(train):
-            raise UserError(f"label_budget {n} exceeds the {len(train)} labelled training cases; use "
-                            f"1..{len(train)} (0: all)")
-    return check
+def _check_label_budget(n: int, data: Data) -> None:
+    train = data[1]["train"]
+    if n > len(train):
+        raise UserError(f"label_budget {n} exceeds the {len(train)} labelled training cases; use 1..{len(train)} "
+                        f"(0: all)")
 
 
 def run_finetuning(cfg: Config, workdir: str | Path, init: str | Path | None = None,
@@ -209,7 +207,8 @@ def run_finetuning(cfg: Config, workdir: str | Path, init: str | Path | None = N
     set). Data in ``workdir``, outputs in ``workdir/out_name``. Returns (best params, summary)."""
     with sole_writer(Path(workdir) / out_name):
         job = start_job(cfg, workdir, out_name, job_settings(cfg, "finetune"), progress=progress, overwrite=overwrite,
-                        data=data, weights=("init", init or None), check=_check_label_budget(cfg))
+                        data=data, weights=("init", init or None),
+                        check=functools.partial(_check_label_budget, cfg.finetune.label_budget))
         _write_model_card(job, cfg)
         mesh, f, val = data_mesh(), cfg.finetune, job.split["val"]
         ids = label_budget(job.split["train"], f.label_budget or None, cfg.seed)

@@ -28,7 +28,8 @@ class Task:
 
     def __post_init__(self):
         if self.regions is not None and tuple(n for n, _ in self.regions) != self.class_names:
-            raise ValueError(f"regions {[n for n, _ in self.regions]} do not match class names {list(self.class_names)}")
+            raise ValueError(f"regions {[n for n, _ in self.regions]} do not match class names "
+                             f"{list(self.class_names)}")
 
     @classmethod
     def of(cls, class_names: Sequence[str], in_channels: int, regions: Mapping[str, Sequence[int]] | None = None
@@ -63,13 +64,17 @@ class Task:
                              f"region of {list(self.class_names)}; label maps cannot be compared with its output")
         return label_channels(label, dict(self.regions))
 
+    def masks(self, seg: np.ndarray) -> list[tuple[str, np.ndarray]]:
+        """(name, boolean mask) per output channel of a segmentation as ``segment`` returns it
+        (for classes, background included)."""
+        return [(n, seg[..., k] > 0 if self.multilabel else seg == k) for k, n in enumerate(self.class_names)]
+
     def foreground(self, seg: np.ndarray, label: np.ndarray) -> list[tuple[str, np.ndarray, np.ndarray]]:
         """(name, predicted mask, true mask) per foreground channel: every region, or every
         class but background; ``seg`` as ``segment`` returns it, ``label`` an integer map."""
-        if self.multilabel:
-            truth = self.targets(label)
-            return [(n, seg[..., k] > 0, truth[..., k] > 0) for k, n in enumerate(self.class_names)]
-        return [(n, seg == k, label == k) for k, n in enumerate(self.class_names) if k > 0]
+        truth = self.targets(label) if self.multilabel else label
+        pairs = [(n, p, t) for (n, p), (_, t) in zip(self.masks(seg), self.masks(truth))]
+        return pairs if self.multilabel else pairs[1:]
 
     def channels_first(self, seg: np.ndarray, label: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(prediction, truth) in the layout ``jaxseg.metrics.case_metrics`` takes: (K, ...)
