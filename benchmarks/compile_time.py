@@ -51,7 +51,7 @@ def main(argv):
     pbatch = {"image": image, "offset_u": jnp.asarray(rng.uniform(size=(3, 4)), jnp.float32)}
     for stage in STAGES:
         state, tx = pretrain_state(model, params, cfg, stage)
-        rows[f"pretrain_{stage}"] = make_pretrain_step(model, tx, PretrainSpec.from_config(cfg), stage, False).compile(state, pbatch)
+        rows[f"pretrain_{stage}"] = make_pretrain_step(model, tx, PretrainSpec.from_config(cfg), stage, False).compiled(state, pbatch)[1]
     for name, sec in rows.items():
         results.add({"step": name, "compile_s": sec, "ratio_to_finetune": sec / rows["finetune"]})
         print(f"{name:16s} compile {sec:6.1f} s ({sec / rows['finetune']:.2f}x the fine-tuning step)", flush=True)

@@ -82,7 +82,7 @@ def jax_step(cfg, cache, objective, stage, source, s):
     def batch():
         return fixed if source == "device" else jax.device_put({k: jnp.asarray(v) for k, v in next(it).items()})
 
-    compile_s = step.compile(state, fixed)
+    step, compile_s = step.compiled(state, fixed)
     holder = {"state": state}
 
     def run():

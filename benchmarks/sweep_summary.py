@@ -12,6 +12,8 @@ import statistics
 import sys
 from pathlib import Path
 
+from jaxseg.protocol import summary_rows
+
 
 def _mean(xs):
     xs = [x for x in xs if x is not None]
@@ -24,10 +26,14 @@ def _f(x, pct=False):
     return f"{100 * x:.1f}%" if pct else f"{x:.3f}"
 
 
+def _mm(spacing) -> str:
+    return f"{spacing[0]:g}" if len(set(spacing)) == 1 else "x".join(f"{v:g}" for v in spacing)
+
+
 def rows(folder: Path) -> list[str]:
     res = json.loads((folder / "table1.json").read_text())
     cfg = res["config"]
-    label = (f"{cfg['crop_size']}^3 at {cfg['target_spacing']:g} mm, T={cfg['temperature']}, stage 2 on "
+    label = (f"{cfg['crop_size']}^3 at {_mm(cfg['target_spacing'])} mm, T={cfg['temperature']}, stage 2 on "
              f"{cfg['stage2_output']}, min_steps={cfg['min_steps']}, "
              f"{cfg['phantom'] if not cfg['data_dir'] else Path(cfg['data_dir']).name}")
     out = []
@@ -39,8 +45,9 @@ def rows(folder: Path) -> list[str]:
         not_learned = sum(1 for c in conv if c.get("learned") is False)
         steps = {st: [c["steps"] for c in conv if c["stage"] == st] for st in ("encoder", "decoder")}
         val = _mean([r["best_val_dice"] for r in res["runs"] if r["init"] == obj])
-        row = next(r for r in res["rows"] if r["init"] == obj)
-        gains = "; ".join(f"{c} {p['mean']:+.3f} [{p['low']:+.3f}, {p['high']:+.3f}]" for c, p in row["paired_dice"].items())
+        row = next(r for r in summary_rows(res["runs"]) if r["init"] == obj)  # today's interval, whenever run
+        gains = "; ".join(f"{c} {p['mean']:+.3f} [{p['low']:+.3f}, {p['high']:+.3f}] ({p['seeds']}×{p['cases']})"
+                          for c, p in row["paired_dice"].items())
         out.append(f"| {label} | {obj} | {_f(frac['encoder'], True)} | {_f(frac['decoder'], True)} | "
                    f"{not_learned} of {len(conv)} | {min(steps['decoder'])}-{max(steps['decoder'])} | "
                    f"{_f(probe.get('random_init'))} / {_f(probe.get('encoder'))} / {_f(probe.get('decoder'))} | "
@@ -50,7 +57,8 @@ def rows(folder: Path) -> list[str]:
 
 def main(folders: list[str]) -> None:
     print("| settings | objective | stage 1 final / chance | stage 2 final / chance | stages that did not learn "
-          "| stage 2 steps | anatomy probe: init / stage 1 / stage 2 | validation Dice | test Dice - none [95% CI] |")
+          "| stage 2 steps | anatomy probe: init / stage 1 / stage 2 | validation Dice "
+          "| test Dice - none [95% CI resampling seeds and cases] (seeds×cases) |")
     print("|---|---|---|---|---|---|---|---|---|")
     for f in folders:
         for line in rows(Path(f)):

@@ -5,6 +5,7 @@ exits with 143."""
 
 from __future__ import annotations
 
+import faulthandler
 import os
 import sys
 import time
@@ -20,6 +21,7 @@ flags.DEFINE_bool("verbose", False, "show the full traceback of a user error")
 
 
 def _fail(message: str, code: int) -> None:
+    distributed.leaving()  # one line from this process: its own, not a watchdog's about a peer
     print(message, file=sys.stderr, flush=True)
     if distributed.multi_process():
         # The others would wait for this process at their next barrier: tell them, and skip
@@ -38,15 +40,25 @@ def run(main: Callable) -> None:
         from absl import logging
 
         logging.set_verbosity(logging.WARNING)  # no library INFO noise (JAX backends, orbax saves) before ours
+        if not flags.FLAGS.verbose:
+            # A peer lost ends a multi-process run in XLA's fatal log (an abort, not interceptable
+            # from Python); the dump of every Python thread that absl's faulthandler adds says nothing more.
+            faulthandler.disable()
         try:
-            return main(argv)
+            result = main(argv)
+            # Every process finished: only now may one leave, since a peer failing while this one
+            # sits in jax.distributed's shutdown aborts it with a stack dump instead of one line.
+            distributed.barrier("finished")
+            distributed.leaving()
+            return result
         except distributed.Preempted as e:
+            distributed.leaving()
             print(f"preempted: {e}", file=sys.stderr, flush=True)
             sys.exit(distributed.PREEMPTED_EXIT_CODE)
         except (UserError, distributed.DistributedError) as e:
             if flags.FLAGS.verbose:
                 raise
-            _fail(f"error: {e}", 2 if isinstance(e, UserError) else 3)
+            _fail(f"error: {e}", 2 if isinstance(e, UserError) else distributed.PEER_EXIT_CODE)
         except Exception as e:
             if not distributed.multi_process():
                 raise

@@ -18,7 +18,8 @@ def main(argv):
     cfg = config_from_flags()
     start_process()
     _, summary = run_finetuning(cfg, FLAGS.workdir, init=FLAGS.init, out_name=FLAGS.out_name,
-                                progress=FLAGS.progress, overwrite=FLAGS.overwrite)
+                                progress=FLAGS.progress, overwrite=FLAGS.overwrite,
+                                allow_unverified_weights=FLAGS.allow_unverified_weights)
     print(f"fine-tuning: best validation Dice {summary['best']['val_dice']:.3f} at step {summary['best']['step']}")
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 from absl import flags
 
 from experiments import cli
+from jaxseg.errors import UserError, first_line
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", None, "trained run folder (or a weights file in it)", required=True)
@@ -23,6 +24,8 @@ flags.DEFINE_bool("figures", False, "also write <name>.png: a slice with the seg
 flags.DEFINE_string("label", None, "with one --input scan: its label map, drawn as the truth in --figures")
 flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "compute dtype (default: the run's)")
 flags.DEFINE_string("compilation_cache", "auto", "persistent XLA compilation cache: 'auto', a folder, or 'off'")
+flags.DEFINE_bool("allow_unverified_weights", False, "load a weights file that has no checksum (an older "
+                  "jaxseg's); `python -m experiments.accept_weights` gives it one for good")
 
 
 def main(argv):
@@ -30,9 +33,8 @@ def main(argv):
     from tqdm import tqdm
 
     from jaxseg.compilation_cache import enable_compilation_cache
-    from jaxseg.errors import UserError
-    from jaxseg.io import atomic_write_text, check_writable
-    from jaxseg.predict import load_model, model_predictor, predict_file
+    from jaxseg.io import atomic_write_text, check_writable, disk_fault
+    from jaxseg.predict import check_outputs, load_model, model_predictor, predict_file
 
     src = Path(FLAGS.input)
     scans = sorted(p for p in src.iterdir() if p.name.endswith((".nii", ".nii.gz"))) if src.is_dir() else [src]
@@ -40,21 +42,29 @@ def main(argv):
         raise UserError(f"{src}: no .nii / .nii.gz scan found")
     if FLAGS.label and len(scans) != 1:
         raise UserError("--label goes with one --input scan, not a folder")
-    out = check_writable(FLAGS.output)  # before any model is loaded or scan segmented
+    check_outputs(scans, FLAGS.label, Path(FLAGS.output))
     enable_compilation_cache(FLAGS.compilation_cache)
-    model, params, prep = load_model(FLAGS.model, FLAGS.dtype)
-    predict = model_predictor(model, params, prep, flip_tta=FLAGS.tta)
+    model, params, prep = load_model(FLAGS.model, FLAGS.dtype, FLAGS.allow_unverified_weights)
+    predict = model_predictor(model, params, prep, flip_tta=FLAGS.tta)  # refuses --tta it cannot honour
+    out = check_writable(FLAGS.output)  # nothing is created for a refused run; before any scan is segmented
     results = []
     for path in tqdm(scans, desc="predict", unit="scan"):
-        try:  # one scan that cannot be segmented must not cost the others
-            r = {"status": "ok", **predict_file(path, predict, prep, out, FLAGS.probabilities, FLAGS.figures,
-                                                FLAGS.label)}
-            print(f"{path.name}: {r['segmentation']} voxels {r['voxels']}", flush=True)
-        except UserError as e:
-            r = {"input": str(path), "status": "failed", "error": str(e)}
-            print(f"{path.name}: FAILED: {e}", file=sys.stderr, flush=True)
-        results.append(r)
-        atomic_write_text(out / "predictions.json", json.dumps(results, indent=1))  # complete after every scan
+        try:
+            try:  # one scan that cannot be segmented must not cost the others
+                r = {"status": "ok", **predict_file(path, predict, prep, out, FLAGS.probabilities, FLAGS.figures,
+                                                    FLAGS.label)}
+                print(f"{path.name}: {r['segmentation']} voxels {r['voxels']}", flush=True)
+            except UserError as e:
+                r = {"input": str(path), "status": "failed", "error": str(e)}
+                print(f"{path.name}: FAILED: {e}", file=sys.stderr, flush=True)
+            results.append(r)
+            atomic_write_text(out / "predictions.json", json.dumps(results, indent=1))  # complete after every scan
+        except OSError as e:  # the disk, not the scan: the next ones would fail alike
+            fault = disk_fault(e, out)
+            if fault is None:
+                raise
+            raise UserError(f"{out}: {fault} while writing the outputs of {path.name} ({first_line(e, 120)}); "
+                            f"the scans before it are listed in {out / 'predictions.json'}") from None
     failed = [r for r in results if r["status"] != "ok"]
     if failed:
         raise UserError(f"{len(failed)} of {len(results)} scan(s) could not be segmented (see {out / 'predictions.json'}); "

@@ -10,7 +10,8 @@ from absl import flags
 from experiments import cli
 from experiments.common import FLAGS, config_from_flags, start_process
 from jaxseg.errors import UserError
-from jaxseg.protocol import run_table1
+from jaxseg.distributed import is_primary
+from jaxseg.protocol import report_markdown, run_table1
 
 flags.DEFINE_list("objectives", ["contrastive", "comparative"], "pre-training objectives to compare")
 flags.DEFINE_list("budgets", ["2"], "label budgets (0: all labelled training cases), run in this order")
@@ -29,9 +30,11 @@ def main(argv):
         budgets = tuple(int(b) for b in FLAGS.budgets)
     except ValueError:
         raise UserError(f"--budgets must be integers (0: all labelled cases), got {FLAGS.budgets}") from None
-    run_table1(cfg, FLAGS.workdir, tuple(FLAGS.objectives), budgets, seeds=FLAGS.seeds, progress=FLAGS.progress,
-               overwrite=FLAGS.overwrite)
-    print(open(f"{FLAGS.workdir}/table1.md").read())
+    result = run_table1(cfg, FLAGS.workdir, tuple(FLAGS.objectives), budgets, seeds=FLAGS.seeds,
+                        progress=FLAGS.progress, overwrite=FLAGS.overwrite)
+    if not is_primary():
+        return
+    print(report_markdown(result))
     print(f"every number: {FLAGS.workdir}/table1.json; figures: {FLAGS.workdir}/pretrain_loss.png, "
           f"{FLAGS.workdir}/seed*/finetune_*/test/figures/")
 

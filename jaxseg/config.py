@@ -47,7 +47,7 @@ class DataConfig:
     dir: str = ""  # MSD folder; empty: generate a phantom dataset in the work dir
     phantom: str = "spleen"  # spleen | braintumour
     phantom_subjects: int = 24
-    target_spacing: float = 1.0
+    target_spacing: tuple[float, float, float] = (1.0, 1.0, 1.0)  # mm; one number means the same on each axis
     val_fraction: float = 0.2
     test_fraction: float = 0.2
     seed: int = 0  # the phantom dataset and the train / val / test split
@@ -134,6 +134,8 @@ class Config:
         unknown = sorted(set(flat) - set(FLAT_NAMES))
         if unknown:
             raise UserError(f"unknown setting(s) {unknown}")
+        if "target_spacing" in flat:
+            flat = {**flat, "target_spacing": spacing(flat["target_spacing"])}
         top = {k: v for k, v in flat.items() if len(FLAT_NAMES[k]) == 1}
         for g in GROUPS:
             sub = {FLAT_NAMES[k][1]: v for k, v in flat.items() if FLAT_NAMES[k][0] == g and len(FLAT_NAMES[k]) == 2}
@@ -170,7 +172,19 @@ class Config:
         """The preprocessing cache's settings."""
         from jaxseg.data import PrepareConfig
 
-        return PrepareConfig(target_spacing=(self.data.target_spacing,) * 3)
+        return PrepareConfig(target_spacing=self.data.target_spacing)
+
+
+def spacing(value) -> tuple[float, ...]:
+    """A voxel spacing from a number (every axis), three numbers, or a flag's text ('1.5' or
+    '0.8,0.8,2.5'); refused in one line when it is none of these."""
+    values = value.replace(" ", "").split(",") if isinstance(value, str) else value
+    values = values if isinstance(values, (list, tuple)) else [values]
+    try:
+        out = tuple(float(v) for v in values)
+    except (TypeError, ValueError):
+        raise UserError(f"target_spacing must be one or three numbers in mm, got {value!r}") from None
+    return out * 3 if len(out) == 1 else out
 
 
 def job_settings(c: Config, job: str) -> dict:
@@ -195,7 +209,10 @@ def config_problems(flat: dict) -> list[str]:
         out.append(f"min_steps must be >= 0, got {c.min_steps}")
     if c.label_budget < 0:
         out.append(f"label_budget must be >= 0 (0: all labelled training cases), got {c.label_budget}")
-    for k in ("target_spacing", "temperature", "lr"):
+    if len(c.target_spacing) != 3 or not all(v > 0 for v in c.target_spacing):
+        out.append(f"target_spacing must be three positive numbers in mm (or one, for all axes), got "
+                   f"{list(c.target_spacing)}")
+    for k in ("temperature", "lr"):
         if not flat[k] > 0:
             out.append(f"{k} must be > 0, got {flat[k]}")
     for k in ("weight_decay", "convergence_rtol"):

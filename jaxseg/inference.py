@@ -106,6 +106,11 @@ def sliding_window_inference(predict_fn: Callable[[jax.Array], jax.Array], image
     return jnp.stack(outs)
 
 
+@functools.lru_cache(maxsize=None)
+def _jitted_apply(model):
+    return jax.jit(model.apply)  # one compilation per model and process: every job's predictor shares it
+
+
 _FLIPS = ((), (0,), (1,), (2,), (0, 1), (0, 2), (1, 2), (0, 1, 2))
 
 
@@ -118,7 +123,7 @@ def make_predictor(model, task, roi: int, sw_batch_size: int = 4, overlap: float
     the jitted ``model.apply`` takes params as an argument, so every case and every validation
     round reuses one compilation. ``flip_tta``: the mean over the 8 flips of the three axes (for
     a model trained to be flip-invariant: see ``jaxseg.predict.check_flip_tta``)."""
-    apply = jax.jit(model.apply)
+    apply = _jitted_apply(model)
 
     def probs(params, image):
         logits = sliding_window_inference(lambda w: apply(params, w), image[None], roi, sw_batch_size, overlap)[0]

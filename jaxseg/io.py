@@ -9,6 +9,7 @@ Without jaxseg: ``flax.serialization.msgpack_restore(data)["params"]`` is flax's
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import os
@@ -78,9 +79,21 @@ def save_weights(path: str | os.PathLike, params: Any) -> None:
         {"format": WEIGHTS_FORMAT, "sha256": hashlib.sha256(blob).hexdigest(), "params": blob}))
 
 
-def read_weights_blob(path: str | os.PathLike) -> bytes:
+def unverified(path: str | os.PathLike, why: str, allow: bool) -> None:
+    """A weights file that cannot be verified (``why``): refused unless the user allows it, and
+    then loaded with a warning."""
+    if not allow:
+        raise WeightsError(f"{path}: {why}, so it cannot be verified and is refused. If you trust it: "
+                           f"--allow_unverified_weights (allow_unverified=True) loads it once, or "
+                           f"`python -m experiments.accept_weights --path={path}` gives it a checksum for good")
+    warnings.warn(f"{path}: {why}: loaded UNVERIFIED (--allow_unverified_weights)", stacklevel=3)
+
+
+def read_weights_blob(path: str | os.PathLike, allow_unverified: bool = False) -> bytes:
     """The verified params bytes of a weights file; ``WeightsError`` (one line, naming the file)
-    when it is missing, unreadable, truncated or its checksum does not match."""
+    when it is missing, unreadable, truncated or its checksum does not match. A file without a
+    checksum (written by an older jaxseg, or with its header cut off) loads only with
+    ``allow_unverified``."""
     from flax import serialization
 
     path = Path(path)
@@ -93,8 +106,8 @@ def read_weights_blob(path: str | os.PathLike) -> bytes:
     except Exception:  # noqa: BLE001 - msgpack raises several kinds for cut or garbage input
         raise WeightsError(f"{path}: damaged (truncated or not a weights file); it cannot be loaded") from None
     if isinstance(outer, dict) and "format" not in outer and "params" in outer and data_is_legacy(outer):
-        warnings.warn(f"{path}: written by an older jaxseg, without a checksum: loaded unverified (saving it again "
-                      f"with jaxseg.io.save_weights adds one)", stacklevel=3)
+        unverified(path, "a weights file without a checksum (an older jaxseg's, or its header cut off)",
+                   allow_unverified)
         return path.read_bytes()
     if not isinstance(outer, dict) or outer.get("format") != WEIGHTS_FORMAT:
         raise WeightsError(f"{path}: not a jaxseg weights file (no checksum header); it cannot be trusted")
@@ -109,15 +122,16 @@ def data_is_legacy(state: dict) -> bool:
     return len(state) == 1 and isinstance(state["params"], dict)
 
 
-def load_weights(path: str | os.PathLike, template: Any) -> Any:
+def load_weights(path: str | os.PathLike, template: Any, allow_unverified: bool = False) -> Any:
     """Params from a verified weights file, in ``template``'s structure; a file for another
-    model (other sizes or layers) is refused naming it."""
+    model (other sizes or layers) is refused naming it; one without a checksum unless
+    ``allow_unverified``."""
     from flax import serialization
 
     import numpy as np
     from flax import traverse_util
 
-    state = serialization.msgpack_restore(read_weights_blob(path))
+    state = serialization.msgpack_restore(read_weights_blob(path, allow_unverified))
     want = traverse_util.flatten_dict(serialization.to_state_dict(template), sep="/")
     got = traverse_util.flatten_dict(state, sep="/") if isinstance(state, dict) else {}
     wrong = sorted(set(want) ^ set(got)) + [k for k in sorted(set(want) & set(got))
@@ -128,21 +142,66 @@ def load_weights(path: str | os.PathLike, template: Any) -> Any:
     return serialization.from_state_dict(template, state)
 
 
-_FAULTS = ((errno.ENOSPC, "No space left on device", "the disk is full"),
-           (errno.EDQUOT, "Disk quota exceeded", "the disk quota is exceeded"),
-           (errno.EROFS, "Read-only file system", "the file system is read-only"),
-           (errno.EACCES, "Permission denied", "permission was denied"),
-           (errno.ENOENT, "No such file or directory", "the folder vanished"))
+def accept_weights(path: str | os.PathLike) -> str:
+    """Give a trusted weights file without a checksum one, in place: a jaxseg weights file
+    (``.msgpack``) is rewritten with its header (atomically, the params bytes unchanged); a
+    MONAI checkpoint (``.pt``) gets ``NAME.pt.sha256`` beside it. Returns what was done."""
+    from flax import serialization
+
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"{path}: no weights file there")
+    if path.suffix in (".pt", ".pth"):
+        atomic_write_text(Path(f"{path}.sha256"), f"{file_digest(path)}  {path.name}\n")
+        return f"wrote {path}.sha256"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        read_weights_blob(path, allow_unverified=True)  # intact msgpack of params, or refused saying why
+    blob = path.read_bytes()
+    outer = serialization.msgpack_restore(blob)
+    if isinstance(outer, dict) and outer.get("format") == WEIGHTS_FORMAT:
+        return f"{path} already carries a checksum (verified)"
+    atomic_write_bytes(path, serialization.msgpack_serialize(
+        {"format": WEIGHTS_FORMAT, "sha256": hashlib.sha256(blob).hexdigest(), "params": blob}))
+    return f"{path}: checksum added"
 
 
-def disk_fault(e: BaseException) -> str | None:
-    """What went wrong with the disk, in a few words, if ``e`` (or what caused it) is a disk
-    fault; orbax / tensorstore bury the OS error in text, so the text counts too."""
-    seen = set()
+_FAULT_WORDS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
+                errno.EROFS: "the file system is read-only", errno.EACCES: "permission was denied",
+                errno.ENOENT: "the folder vanished"}
+FULL_BELOW_BYTES = 64 * 2**20  # a disk with less free space than this counts as full
+
+
+def disk_fault(e: BaseException, folder: str | os.PathLike) -> str | None:
+    """What went wrong with the disk under ``folder``, in a few words, when ``e`` is a disk fault
+    there; None when it is not (then it is the caller's to raise). An OS error (or one that
+    caused ``e``) about a file under ``folder`` tells by its errno; libraries that bury the OS
+    error in text (orbax, tensorstore) leave the folder itself to tell (``folder_fault``)."""
+    folder, seen = Path(folder).absolute(), set()
     while e is not None and id(e) not in seen:
         seen.add(id(e))
-        for code, text, words in _FAULTS:
-            if getattr(e, "errno", None) == code or text in str(e):
-                return words
+        if isinstance(e, OSError) and e.errno in _FAULT_WORDS:
+            name = e.filename if isinstance(e.filename, (str, os.PathLike)) else None
+            if name is None or Path(name).absolute().is_relative_to(folder):
+                return _FAULT_WORDS[e.errno]
         e = e.__cause__ or e.__context__
-    return None
+    return folder_fault(folder)
+
+
+def folder_fault(folder: str | os.PathLike) -> str | None:
+    """What is wrong with the disk under ``folder``, found by trying it: vanished, read-only,
+    full, no permission; None when a small file can be written there and space is left."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return "the folder vanished"
+    probe = folder / f".fault_probe.{os.getpid()}"
+    try:
+        probe.write_bytes(b"x")
+        probe.unlink()
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            probe.unlink()
+        return _FAULT_WORDS.get(e.errno, f"it cannot be written ({e.strerror})")
+    import shutil
+
+    return "the disk is full" if shutil.disk_usage(folder).free < FULL_BELOW_BYTES else None

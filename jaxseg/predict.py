@@ -54,11 +54,29 @@ def model_card(cfg, cache) -> dict:
             "sw_batch_size": cfg.eval.sw_batch_size, "train_flip_prob": cfg.finetune_data().flip_prob}
 
 
-def load_model(run: str | Path, dtype: str | None = None) -> tuple[Any, Any, Preprocessing]:
+# The settings (flat config names) a trained model fixes: its network and the grid it was trained on.
+CARD_SETTINGS = ("model", "crop_size", "target_spacing")
+
+
+def card_settings(card: dict) -> dict:
+    """The settings a model card fixes, by flat config name."""
+    return {"model": card["model"], "crop_size": card["crop_size"],
+            "target_spacing": tuple(float(v) for v in card["target_spacing"])}
+
+
+def card_beside(weights: str | Path) -> dict | None:
+    """The model card in the folder of a weights file, if there is one."""
+    path = Path(weights).parent / MODEL_CARD
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def load_model(run: str | Path, dtype: str | None = None, allow_unverified: bool = False
+               ) -> tuple[Any, Any, Preprocessing]:
     """``(model, params, preprocessing)`` of a trained run: its output folder, or one weights file
-    inside it. ``dtype`` overrides the compute dtype (e.g. 'bfloat16' on a GPU)."""
+    inside it. ``dtype`` overrides the compute dtype (e.g. 'bfloat16' on a GPU); a weights file
+    without a checksum loads only with ``allow_unverified``."""
     from jaxseg.io import load_weights
-    from jaxseg.models import init_params, unetr_from_preset
+    from jaxseg.models import param_shapes, unetr_from_preset
 
     run = Path(run)
     folder, weights = (run.parent, run) if run.is_file() else (run, next(
@@ -71,7 +89,7 @@ def load_model(run: str | Path, dtype: str | None = None) -> tuple[Any, Any, Pre
     dt = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[dtype or card["dtype"]]
     model = unetr_from_preset(card["model"], in_channels=card["in_channels"], out_channels=card["out_channels"],
                               img_size=card["crop_size"], dtype=dt)
-    params = load_weights(weights, init_params(model))
+    params = load_weights(weights, param_shapes(model), allow_unverified)
     prep = Preprocessing(tuple(card["target_spacing"]), card["is_ct"], tuple(card["ct_range"]), Task.from_card(card),
                          card["crop_size"], card["overlap"], card["sw_batch_size"], card.get("train_flip_prob"))
     return model, params, prep
@@ -118,6 +136,29 @@ def read_scan(path: Path, prep: Preprocessing) -> tuple[np.ndarray, np.ndarray]:
     return image, affine
 
 
+def output_name(path: Path) -> str:
+    """``scan.nii.gz`` and ``scan.nii`` -> ``scan``: its outputs are ``scan.nii.gz`` and so on."""
+    return Path(path).name.removesuffix(".gz").removesuffix(".nii")
+
+
+def check_outputs(scans: list[Path], label: str | Path | None, out: Path) -> None:
+    """Refuse, before any work, a run that would overwrite an input or write two scans to one
+    name (each scan's outputs: ``<name>.nii.gz``, ``<name>_probs.nii.gz``, ``<name>.png``)."""
+    taken: dict[str, Path] = {}
+    for path in scans:
+        name = output_name(path)
+        if name in taken:
+            raise UserError(f"{taken[name]} and {path} would both be written as {out / name}.nii.gz; "
+                            f"rename one of them or segment them into separate --output folders")
+        taken[name] = path
+    inputs = {p.resolve() for p in scans} | ({Path(label).resolve()} if label else set())
+    for name in taken:
+        for target in (f"{name}.nii.gz", f"{name}_probs.nii.gz", f"{name}.png", "predictions.json"):
+            if (out / target).resolve() in inputs:
+                raise UserError(f"--output {out}: writing {target} there would overwrite the input "
+                                f"{out / target}; choose another --output folder")
+
+
 def predict_file(path: str | Path, predict: Callable[[np.ndarray], np.ndarray], prep: Preprocessing,
                  out_dir: str | Path, probabilities: bool = False, figure: bool = False,
                  label: str | Path | None = None) -> dict:
@@ -138,7 +179,7 @@ def predict_file(path: str | Path, predict: Callable[[np.ndarray], np.ndarray], 
     task = prep.task
     probs = predict(case["image"])
     seg = task.segment(probs)
-    name = path.name.removesuffix(".gz").removesuffix(".nii")
+    name = output_name(path)
     out_dir.mkdir(parents=True, exist_ok=True)
     restored, orig_affine = restore_label(seg, case["meta"])
     out = {"input": str(path), "segmentation": str(out_dir / f"{name}.nii.gz"),

@@ -13,13 +13,15 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
+
 from jaxseg.config import CHOICES, Config
 from jaxseg.errors import UserError
 from jaxseg.figures import plot_loss_curves
 from jaxseg.models.unetr import STAGES
 from jaxseg.distributed import is_primary, sole_writer
 from jaxseg.io import atomic_write_text
-from jaxseg.stats import bootstrap_ci, mean_sd
+from jaxseg.stats import crossed_bootstrap_ci, mean_sd
 from jaxseg.workflow import ensure_data, run_evaluation, run_finetuning, run_pretraining
 
 TABLE_METRICS = ("dice", "hd95")
@@ -86,8 +88,7 @@ def _case_values(run: dict, cls: str, metric: str) -> dict[str, float]:
 
 def summary_rows(runs: list[dict]) -> list[dict]:
     """One row per (budget, init): per metric and class the mean +- sd over seeds of each seed's
-    test-case mean, and for Dice the mean paired difference to ``none`` over seeds x test cases
-    with its bootstrap 95% interval."""
+    test-case mean, and for Dice the paired difference to ``none`` (``paired_difference``)."""
     rows = []
     keys = list(dict.fromkeys((r["budget"], r["init"]) for r in runs))
     for budget, init in keys:
@@ -101,14 +102,25 @@ def summary_rows(runs: list[dict]) -> list[dict]:
                 per_seed = [mean_sd(list(_case_values(r, cls, metric).values()))[0] for r in mine]
                 row["metrics"][cls][metric] = mean_sd(per_seed)
             if init != "none":
-                diffs = []
-                for r in mine:
-                    base = next(b for b in runs if (b["budget"], b["init"], b["seed"]) == (budget, "none", r["seed"]))
-                    mine_v, base_v = _case_values(r, cls, "dice"), _case_values(base, cls, "dice")
-                    diffs += [mine_v[c] - base_v[c] for c in mine_v]
-                row["paired_dice"][cls] = dict(zip(("mean", "low", "high"), bootstrap_ci(diffs)), n=len(diffs))
+                row["paired_dice"][cls] = paired_difference(mine, [
+                    next(b for b in runs if (b["budget"], b["init"], b["seed"]) == (budget, "none", r["seed"]))
+                    for r in mine], cls)
         rows.append(row)
     return rows
+
+
+def paired_difference(runs: list[dict], baselines: list[dict], cls: str, metric: str = "dice") -> dict:
+    """The paired difference of ``metric`` between each run and its seed's baseline, per test
+    case: the mean, its 95% interval resampling seeds AND test cases (``stats.crossed_bootstrap_ci``:
+    the cases are the same in every seed, and the seed is where much of the spread is), the
+    number of seeds and cases, and each seed's mean difference (the spread a reader should see)."""
+    cases = sorted(runs[0]["cases"])
+    table = np.array([[_case_values(r, cls, metric)[c] - _case_values(b, cls, metric)[c] for c in cases]
+                      for r, b in zip(runs, baselines)])
+    mean, low, high = crossed_bootstrap_ci(table)
+    per_seed = [float(np.nanmean(row)) if np.isfinite(row).any() else math.nan for row in table]
+    return {"mean": mean, "low": low, "high": high, "seeds": len(runs), "cases": len(cases),
+            "n": int(np.isfinite(table).sum()), "per_seed": per_seed, "unit": "seeds x test cases"}
 
 
 def probe_rows(pre: dict) -> list[dict]:
@@ -164,16 +176,22 @@ def report_markdown(result: dict) -> str:
     classes = list(rows[0]["metrics"]) if rows else []
     out = [f"## Test-set segmentation (mean ± sd over {n_seeds} seed(s) of each seed's mean over the test cases)", "",
            "| pre-training | labels | pre-train time (s) | " + " | ".join(
-               f"{c} {METRIC_LABELS[m]}" for c in classes for m in TABLE_METRICS) + " | Dice − none [95% CI] |",
-           "|---" * (4 + len(classes) * len(TABLE_METRICS)) + "|"]
+               f"{c} {METRIC_LABELS[m]}" for c in classes for m in TABLE_METRICS) +
+           " | Dice − none [95% CI] | per seed |",
+           "|---" * (5 + len(classes) * len(TABLE_METRICS)) + "|"]
     for r in rows:
         cells = [_pm(r["metrics"][c][m]) for c in classes for m in TABLE_METRICS]
         paired = "; ".join(f"{_fmt(p['mean'])} [{_fmt(p['low'])}, {_fmt(p['high'])}]"
                            for p in r["paired_dice"].values()) or "-"
+        per_seed = "; ".join(", ".join(f"{v:+.3f}" for v in p["per_seed"]) for p in r["paired_dice"].values()) or "-"
         pre_s = "-" if r["init"] == "none" else _pm(r["pretrain_s"])
-        out.append(f"| {r['init']} | {r['labels']} | {pre_s} | " + " | ".join(cells) + f" | {paired} |")
-    out += ["", "Dice − none: the mean paired difference over seeds × test cases, with a percentile bootstrap "
-                "95% interval; an interval that contains 0 shows no difference at this size.", ""]
+        out.append(f"| {r['init']} | {r['labels']} | {pre_s} | " + " | ".join(cells) + f" | {paired} | {per_seed} |")
+    some = next((p for r in rows for p in r["paired_dice"].values()), None)
+    unit = f"{some['seeds']} seed(s) × {some['cases']} test case(s)" if some else "seeds × test cases"
+    out += ["", f"Dice − none: the mean paired difference (each run against no pre-training with the same seed, "
+                f"case by case) over {unit}, with a 95% percentile bootstrap interval that resamples seeds and "
+                f"test cases both; the last column is each seed's mean difference. An interval that contains 0 "
+                f"shows no difference at this size; with few seeds the interval itself is rough.", ""]
     if result["probe"]:
         chance = result["probe"][0]["chance"]
         out += [f"## Representation probe (held-out volumes; linear probe of the partition of a slice from pooled "

@@ -33,3 +33,29 @@ def bootstrap_ci(values: Sequence[float], level: float = 0.95, resamples: int = 
     means = a[rng.integers(0, a.size, (resamples, a.size))].mean(1)
     lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
     return float(a.mean()), float(lo), float(hi)
+
+
+def crossed_bootstrap_ci(diffs, level: float = 0.95, resamples: int = 10_000,
+                         seed: int = 0) -> tuple[float, float, float]:
+    """(mean, low, high) of a seeds x cases table of paired differences (one row per seed, one
+    column per test case; the same cases in every seed): the mean over all entries and the
+    percentile bootstrap interval of it when seeds AND cases are resampled, each with
+    replacement and independently of the other (a crossed design: either can carry the
+    spread). With one seed only cases vary, with one case only seeds. NaNs are left out of
+    each mean; seeded, so a report is reproducible."""
+    if not 0 < level < 1:
+        raise ValueError(f"level must be in (0, 1), got {level}")
+    d = np.asarray(diffs, float)
+    if d.ndim != 2:
+        raise ValueError(f"diffs must be a (seeds, cases) table, got shape {d.shape}")
+    if not np.isfinite(d).any():
+        return math.nan, math.nan, math.nan
+    rng = np.random.default_rng(seed)
+    rows = rng.integers(0, d.shape[0], (resamples, d.shape[0]))
+    cols = rng.integers(0, d.shape[1], (resamples, d.shape[1]))
+    picked = d[rows[:, :, None], cols[:, None, :]]  # (resamples, seeds, cases)
+    ok = np.isfinite(picked)
+    counts = ok.sum((1, 2))
+    means = np.where(ok, picked, 0.0).sum((1, 2))[counts > 0] / counts[counts > 0]
+    lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
+    return float(np.nanmean(d)), float(lo), float(hi)

@@ -17,14 +17,14 @@ import jax.numpy as jnp
 from jaxseg.config import Config, job_settings
 from jaxseg.data import (Cache, Task, finetune_dataset, label_budget, load_dataset_json, make_iterator, prepare,
                          pretrain_dataset, split_cases, write_phantom_dataset)
-from jaxseg.data.cache import is_current
+from jaxseg.data.cache import INDEX, prepared_cache
 from jaxseg.errors import UserError
 from jaxseg.predict import MODEL_CARD, model_card
 from jaxseg.probe import representation_probe
-from jaxseg.distributed import barrier, is_primary, sole_writer
+from jaxseg.distributed import agree, barrier, is_primary, local_copy, share, sole_writer
 from jaxseg.io import atomic_write_text, file_digest, load_weights, save_weights
 from jaxseg.run_settings import claim_output_dir, precheck_output_dir
-from jaxseg.evaluate import evaluate_cases, mean_foreground_dice
+from jaxseg.evaluate import evaluate_cases, validation_dice
 from jaxseg.figures import plot_loss_curves
 from jaxseg.inference import make_predictor
 from jaxseg.losses import DID_NOT_LEARN, chance_loss, learning_report
@@ -45,19 +45,23 @@ Data = tuple[Cache, dict[str, list[str]]]  # the cache and its train / val / tes
 
 def ensure_data(cfg: Config, workdir: Path, progress: bool = True) -> Data:
     """The cache for ``cfg`` (a phantom dataset when ``cfg.data.dir`` is empty) and its seeded
-    train / val / test split."""
+    train / val / test split. The cache is the folder of this preprocessing and this version of
+    the dataset under ``cfg.data.cache_dir`` (default ``workdir/cache``): validated and prepared
+    once, never changed after, so jobs with other settings can share the root."""
     workdir = check_workdir(workdir)
     d = cfg.data
     data_dir = Path(d.dir) if d.dir else workdir / f"phantom_{d.phantom}_{d.phantom_subjects}_{d.seed}"
-    cache_dir = Path(d.cache_dir) if d.cache_dir else workdir / "cache"
+    folder = None
     if is_primary():  # the other processes wait, then read what process 0 prepared
         if not d.dir and not (data_dir / "dataset.json").is_file():
             write_phantom_dataset(data_dir, d.phantom, d.phantom_subjects, seed=d.seed)
         info = load_dataset_json(data_dir)
-        prep = cfg.prepare()
-        if not is_current(info, cache_dir, prep):  # validated and prepared once, redone when data or settings change
-            prepare(info, cache_dir, prep, progress=progress)
-    barrier("prepare")
+        folder = str(prepared_cache(info, Path(d.cache_dir) if d.cache_dir else workdir / "cache", cfg.prepare(),
+                                    progress=progress))
+    cache_dir = Path(share("data cache", folder))
+    index = cache_dir / INDEX  # every host must read what process 0 prepared
+    agree("view of the data cache", {str(index.absolute()): file_digest(index) if index.is_file() else "missing"},
+          hint="The work dir and the data must be on a filesystem that every host shares, at the same path.")
     cache = Cache(cache_dir)
     split = split_cases(cache.training, d.val_fraction, d.test_fraction, d.seed)
     if len(split["train"]) < 2:
@@ -72,10 +76,6 @@ def make_model(cfg: Config, task: Task) -> UNETR:
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[cfg.model.dtype]
     return unetr_from_preset(cfg.model.size, in_channels=task.in_channels, out_channels=task.num_classes,
                              img_size=cfg.model.crop_size, dtype=dtype)
-
-
-def init_params(model: UNETR, cfg: Config) -> Any:
-    return models.init_params(model, cfg.seed)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,17 +95,25 @@ class Job:
         return make_predictor(self.model, self.task, cfg.model.crop_size, cfg.eval.sw_batch_size, cfg.eval.overlap)
 
 
+@dataclasses.dataclass(frozen=True)
+class InputWeights:
+    """A job's input weights file (or None: random init), recorded under ``setting``."""
+
+    setting: str  # 'init' (fine-tuning) or 'params' (evaluation)
+    path: str | Path | None
+    allow_unverified: bool = False  # a file without a checksum loads only when the user says so
+
+
 def start_job(cfg: Config, workdir: str | Path, out_name: str, settings: dict, *, progress: bool = True,
-              overwrite: bool = False, data: Data | None = None, weights: tuple[str, str | Path | None] | None = None,
+              overwrite: bool = False, data: Data | None = None, weights: InputWeights | None = None,
               check: Callable[[Data], None] | None = None) -> Job:
     """Set up one job whose results depend on ``settings`` (``job_settings``, plus anything
     else that names them): refuse an output folder made with other settings before any data is
     (re)prepared; get the data (``data``: ``ensure_data``'s result when the caller has it);
-    ``check`` it; load ``weights`` = (setting name, path or None), an input weights file,
-    verified before the output folder is claimed, which records the settings, the cache's digest
-    and the input file's."""
+    ``check`` it; load the input ``weights``, verified before the output folder is claimed,
+    which records the settings, the cache's digest and the input file's."""
     root = check_workdir(workdir)
-    name, path = weights or (None, None)
+    name, path = (weights.setting, weights.path) if weights else (None, None)
     inputs = {} if name is None else {name: None if path is None else {"path": str(Path(path).absolute())}}
     precheck_output_dir(root / out_name, {**settings, **inputs}, overwrite, ignore=("data", *inputs))
     cache, split = data if data is not None else ensure_data(cfg, root, progress)
@@ -113,9 +121,10 @@ def start_job(cfg: Config, workdir: str | Path, out_name: str, settings: dict, *
         check((cache, split))
     task = cache.task
     model = make_model(cfg, task)
-    params = init_params(model, cfg)
-    if path is not None:
-        params = load_weights(path, params)
+    if path is None:
+        params = models.init_params(model, cfg.seed)
+    else:  # loaded into the model's shapes: no init to compile or run
+        params = load_weights(path, models.param_shapes(model), weights.allow_unverified)
         inputs[name]["sha256"] = file_digest(path)
     out = claim_output_dir(root / out_name, {**settings, "data": file_digest(Path(cache.root) / "cache.json"),
                                              **inputs}, overwrite)
@@ -200,14 +209,14 @@ def _check_label_budget(n: int, data: Data) -> None:
 
 def run_finetuning(cfg: Config, workdir: str | Path, init: str | Path | None = None,
                    out_name: str = "finetune", progress: bool = True, overwrite: bool = False,
-                   data: Data | None = None) -> tuple[Any, dict]:
+                   data: Data | None = None, allow_unverified_weights: bool = False) -> tuple[Any, dict]:
     """Dice+CE fine-tuning from random init or ``init`` (a params.msgpack), on the first
     ``cfg.finetune.label_budget`` labelled training cases (all when 0); validation Dice every
     ``cfg.finetune.eval_every`` steps keeps the best parameters in ``best.msgpack`` (never the test
     set). Data in ``workdir``, outputs in ``workdir/out_name``. Returns (best params, summary)."""
     with sole_writer(Path(workdir) / out_name):
         job = start_job(cfg, workdir, out_name, job_settings(cfg, "finetune"), progress=progress, overwrite=overwrite,
-                        data=data, weights=("init", init or None),
+                        data=data, weights=InputWeights("init", init or None, allow_unverified_weights),
                         check=functools.partial(_check_label_budget, cfg.finetune.label_budget))
         _write_model_card(job, cfg)
         mesh, f, val = data_mesh(), cfg.finetune, job.split["val"]
@@ -217,8 +226,8 @@ def run_finetuning(cfg: Config, workdir: str | Path, init: str | Path | None = N
         best, predict = BestModel(job.out), job.predictor(cfg)
 
         def evaluate(state, step):
-            d, rgb = mean_foreground_dice(functools.partial(predict, state.params), job.cache, val,
-                                          figure=is_primary())
+            d, rgb = validation_dice(functools.partial(predict, local_copy(state.params)), job.cache, val,
+                                     figure=is_primary())
             best.offer(d, step, state.params)
             return {"val_dice": d, "images": {} if rgb is None else {"validation/overlay": rgb}}
 
@@ -240,10 +249,11 @@ def run_finetuning(cfg: Config, workdir: str | Path, init: str | Path | None = N
 
 def run_evaluation(cfg: Config, workdir: str | Path, params_path: str | Path, out_name: str = "eval",
                    split_name: str = "test", progress: bool = True, overwrite: bool = False,
-                   data: Data | None = None) -> dict:
+                   data: Data | None = None, allow_unverified_weights: bool = False) -> dict:
     """Evaluate ``params_path`` on the held-out ``split_name`` cases of ``workdir``'s data."""
     with sole_writer(Path(workdir) / out_name):
         job = start_job(cfg, workdir, out_name, {**job_settings(cfg, "evaluate"), "split": split_name},
-                        progress=progress, overwrite=overwrite, data=data, weights=("params", params_path))
+                        progress=progress, overwrite=overwrite, data=data,
+                        weights=InputWeights("params", params_path, allow_unverified_weights))
         return evaluate_cases(functools.partial(job.predictor(cfg), job.params), job.cache, job.split[split_name],
-                              job.out, progress=progress, write=is_primary())
+                              job.out, progress=progress)

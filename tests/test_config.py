@@ -48,7 +48,7 @@ def test_gpu_preset_is_the_paper_protocol_at_its_shapes():
     assert (gpu.pretrain.axis_mode, gpu.pretrain.volumes_per_step, gpu.pretrain.crops_per_volume) == ("sequential", 2, 2)
     assert (gpu.lr, gpu.pretrain.temperature, gpu.pretrain.num_partitions) == (1e-4, 1.0, 4)  # the paper's
     # the crop holds the whole phantom at 1 mm, as small's 32^3 crop does at 3 mm
-    assert gpu.model.crop_size * gpu.data.target_spacing == small.model.crop_size * small.data.target_spacing
+    assert gpu.model.crop_size * gpu.data.target_spacing[0] == small.model.crop_size * small.data.target_spacing[0]
 
 
 def test_small_long_preset_gives_the_vit_a_real_token_grid():
@@ -63,7 +63,7 @@ def test_small_long_preset_gives_the_vit_a_real_token_grid():
     from jaxseg.models.unetr import UNETR
 
     long, small = PRESETS["small_long"], PRESETS["small"]
-    assert long.model.crop_size * long.data.target_spacing == small.model.crop_size * small.data.target_spacing
+    assert long.model.crop_size * long.data.target_spacing[0] == small.model.crop_size * small.data.target_spacing[0]
     assert long.replace(crop_size=32, target_spacing=3.0) == small  # nothing else differs
     for cfg, tokens, enc4 in ((long, 4, 8), (small, 2, 4)):
         model = unetr_from_preset(cfg.model.size, in_channels=1, out_channels=2, img_size=cfg.model.crop_size)

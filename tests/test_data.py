@@ -144,6 +144,40 @@ def test_every_validation_problem_is_reported_with_its_file(tmp_path, spleen_dir
         prepare(info, tmp_path / "cache", progress=False, workers=1)  # the valid cases stay cached
 
 
+@pytest.mark.parametrize("meta, problem", [
+    (None, "must be a JSON object"),
+    ([1, 2], "must be a JSON object"),
+    ({"modality": {"0": "CT"}, "labels": {"0": "bg"}, "training": {"image": "a"}}, '"training" must be a list'),
+    ({"modality": None, "labels": {"0": "bg"}, "training": []}, '"modality" must be a non-empty object'),
+    ({"modality": {"0": "CT"}, "labels": ["bg"], "training": []}, '"labels" must be a non-empty object'),
+    ({"modality": {"0": 7}, "labels": {"0": "bg"}, "training": []}, "the name must be a string"),
+    ({"modality": {"0": "CT"}, "labels": {"0": "bg"}, "training": [], "test": [{"image": "t.nii.gz"}]},
+     '"test" must be a list of image paths'),
+    ({"modality": {"0": "CT"}, "labels": {"0": "bg"}, "training": [{"image": "a.nii.gz", "label": 3}]},
+     '"label" must be a path'),
+])
+def test_every_dataset_json_problem_is_named_in_one_line(tmp_path, meta, problem):
+    (tmp_path / "dataset.json").write_text(json.dumps(meta))
+    with pytest.raises(DataValidationError) as e:
+        load_dataset_json(tmp_path)
+    assert str(e.value).startswith(f"{tmp_path / 'dataset.json'}: ") and problem in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_a_non_integer_label_value_is_refused_naming_the_file(spleen_dir, tmp_path):
+    import shutil
+
+    root = tmp_path / "data"
+    shutil.copytree(spleen_dir, root)
+    info = load_dataset_json(root)
+    case = info.training[0]
+    lab, aff = load_nifti(case.label)
+    lab[lab == 1] = 1.5  # what a label map resampled with interpolation holds
+    save_nifti(case.label, lab.astype(np.float32), aff)
+    with pytest.raises(DataValidationError, match=f"{case.label}: non-integer label value\\(s\\) \\[1.5\\]"):
+        prepare(info, tmp_path / "cache", progress=False, workers=1)
+
+
 def test_missing_dataset_json(tmp_path):
     with pytest.raises(UserError, match="dataset.json"):
         load_dataset_json(tmp_path)
@@ -173,7 +207,7 @@ def test_cache_resumes_after_a_kill(spleen_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(cache_mod.np, "save", dying_save)
     with pytest.raises(KeyboardInterrupt):
         for case in info.training:
-            cache_mod._prepare_one(case, info, out, cache_mod.PrepareConfig(), True)
+            cache_mod._prepare_one(case, info, out, cache_mod.PrepareConfig())
     monkeypatch.setattr(cache_mod.np, "save", real_save)
     third = cache_mod.case_dir(out, info.training[2].case_id)
     assert not third.exists() and not cache_mod.is_complete(third)  # nothing half-written looks done

@@ -44,10 +44,11 @@ def _event_tags(folder):
 
 
 def test_prepare_phantom_and_pipeline_benchmark(tmp_path):
-    out = run_module("experiments.prepare", "--phantom=braintumour", "--phantom_subjects=2",
-                     f"--data_dir={tmp_path / 'data'}", f"--out_dir={tmp_path / 'cache'}", "--workers=1")
-    assert "'done': 2" in out
-    index = json.loads((tmp_path / "cache" / "cache.json").read_text())
+    out = run_module("experiments.prepare", "--write_phantom", "--phantom=braintumour", "--phantom_subjects=2",
+                     f"--data_dir={tmp_path / 'data'}", f"--cache_dir={tmp_path / 'cache'}", "--workers=1")
+    (folder,) = (tmp_path / "cache").iterdir()  # one folder per preparation, named by its spacing and digest
+    assert f"cache at {folder}: " in out and "'done': 2" in out and folder.name.startswith("3x3x3mm-")
+    index = json.loads((folder / "cache.json").read_text())
     assert index["regions"] == {"TC": [2, 3], "WT": [1, 2, 3], "ET": [3]} and len(index["training"]) == 2
     path = tmp_path / "pipe.json"
     run_module("benchmarks.pipeline", f"--workdir={tmp_path / 'pipe'}", "--subjects=2", "--crop_size=32",
@@ -112,6 +113,11 @@ def test_pretrain_finetune_evaluate_entry_points(tmp_path):
     assert "not a trained run" in out and "Unable to initialize backend" not in out
     _batch_prediction_finishes(wd, scan, tmp_path)
     _damaged_inputs_are_refused_before_any_output(wd, scan, common, tmp_path)
+    _unverified_weights_load_only_when_allowed(wd, scan, common, tmp_path)
+    _predict_never_overwrites_an_input_or_another_output(wd, scan, tmp_path)
+    out = run_module("experiments.evaluate", *common, f"--params={wd / 'finetune' / 'best.msgpack'}",
+                     "--target_spacing=2", "--out_name=ev_2mm", rc=2)  # a 1 mm model measured at 2 mm: refused
+    assert "--target_spacing=2 (the model: (1.0, 1.0, 1.0))" in out and not (wd / "ev_2mm").exists()
     import jaxseg
 
     model, params, prep = jaxseg.load_model(wd / "finetune")  # one call: model, weights, preprocessing
@@ -119,7 +125,7 @@ def test_pretrain_finetune_evaluate_entry_points(tmp_path):
     from jaxseg.data import Cache
     from jaxseg.predict import model_predictor
 
-    cache, cid = Cache(wd / "cache"), split["test"][0]  # README's snippet: probabilities, then the task's rule
+    cache, cid = Cache(_cache_folder(wd)), split["test"][0]  # README's snippet: probabilities, then the task's rule
     probs = model_predictor(model, params, prep)(np.asarray(cache.image(cid)))
     assert probs.shape == (*cache.image(cid).shape[:3], 2) and np.allclose(probs.sum(-1), 1, atol=1e-5)
     mine = nib.load(str(ev / "predictions" / f"{cid}.nii.gz"))  # what experiments.evaluate wrote for the same case
@@ -130,6 +136,11 @@ def test_pretrain_finetune_evaluate_entry_points(tmp_path):
         orig = nib.load(str(next(wd.glob(f"phantom_spleen*/imagesTr/{cid}.nii.gz"))))
         assert pred.shape == orig.shape[:3]
         np.testing.assert_allclose(pred.affine, orig.affine, atol=1e-5)
+
+
+def _cache_folder(workdir):
+    (folder,) = (workdir / "cache").iterdir()  # the job's one preparation
+    return folder
 
 
 def _batch_prediction_finishes(wd, scan, tmp_path):
@@ -157,6 +168,38 @@ def _batch_prediction_finishes(wd, scan, tmp_path):
     assert "is not writable" in out and "Traceback" not in out and "voxels" not in out  # before any scan
 
 
+def _unverified_weights_load_only_when_allowed(wd, scan, common, tmp_path):
+    """A weights file without its checksum header (an older jaxseg's, or the header cut off) is
+    refused by every job unless allowed; accept_weights gives it one for good (the library side:
+    tests/test_predict.py)."""
+    from jaxseg.io import read_weights_blob
+
+    old = tmp_path / "old_run"
+    old.mkdir()
+    (old / "model.json").write_bytes((wd / "finetune" / "model.json").read_bytes())
+    (old / "best.msgpack").write_bytes(read_weights_blob(wd / "finetune" / "best.msgpack"))  # flax's bytes alone
+    weights = old / "best.msgpack"
+    out = run_module("experiments.evaluate", *common, f"--params={weights}", "--out_name=ev_old", rc=2)
+    assert f"error: {weights}: a weights file without a checksum" in out and "--allow_unverified_weights" in out
+    assert "Traceback" not in out and not (wd / "ev_old").exists()
+    assert "checksum added" in run_module("experiments.accept_weights", f"--path={weights}")
+    run_module("experiments.predict", f"--model={old}", f"--input={scan}", f"--output={tmp_path / 'po'}")
+    assert (tmp_path / "po" / scan.name).is_file()
+
+
+def _predict_never_overwrites_an_input_or_another_output(wd, scan, tmp_path):
+    folder = tmp_path / "own"
+    folder.mkdir()
+    (folder / scan.name).write_bytes(scan.read_bytes())
+    before = (folder / scan.name).read_bytes()
+    out = run_module("experiments.predict", f"--model={wd / 'finetune'}", f"--input={folder}", f"--output={folder}",
+                     rc=2)
+    assert "would overwrite the input" in out and (folder / scan.name).read_bytes() == before
+    out = run_module("experiments.predict", f"--model={wd / 'finetune'}", f"--input={scan}", "--tta",
+                     f"--output={tmp_path / 'tta_out'}", rc=2)
+    assert "--tta" in out and not (tmp_path / "tta_out").exists()  # a refused run creates nothing
+
+
 def _damaged_inputs_are_refused_before_any_output(wd, scan, common, tmp_path):
     bad = tmp_path / "bad_run"
     bad.mkdir()
@@ -177,20 +220,18 @@ def _damaged_inputs_are_refused_before_any_output(wd, scan, common, tmp_path):
         if out_name:
             assert not (wd / out_name).exists()  # no output folder claimed
     # a refused rerun changes nothing: the settings are compared before data is (re)prepared
-    index = (wd / "cache" / "cache.json").read_bytes()
+    index = (_cache_folder(wd) / "cache.json").read_bytes()
     out = run_module("experiments.pretrain", *common, "--objective=contrastive", "--stage1_steps=2",
                      "--stage2_steps=2", "--target_spacing=2", rc=2)
-    assert "target_spacing: 1.0 then, 2.0 now" in out
-    assert (wd / "cache" / "cache.json").read_bytes() == index
+    assert "target_spacing: [1.0, 1.0, 1.0] then, [2.0, 2.0, 2.0] now" in out
+    assert (_cache_folder(wd) / "cache.json").read_bytes() == index and len(list((wd / "cache").iterdir())) == 1
 
 
-def test_table1_main_job_tiny(tmp_path):
-    wd = tmp_path / "t1"
-    out = run_module("experiments.table1", "--config=tiny", f"--workdir={wd}", "--objective=contrastive", rc=2)
-    assert "use --objectives=contrastive" in out and not wd.exists()
-    out = run_module("experiments.table1", "--config=tiny", f"--workdir={wd}", "--noprogress", "--seeds=2",
-                     "--objectives=comparative", "--budgets=2", "--stage1_steps=2", "--stage2_steps=2",
-                     "--finetune_steps=2", "--eval_every=2", "--phantom_subjects=6")
+def test_table1_main_job_tiny(table1_one_process, tmp_path):
+    out = run_module("experiments.table1", "--config=tiny", f"--workdir={tmp_path / 't1'}", "--objective=contrastive",
+                     rc=2)
+    assert "use --objectives=contrastive" in out and not (tmp_path / "t1").exists()
+    wd, out = table1_one_process  # --seeds=2 --objectives=comparative, tiny (tests/runs.py)
     assert "| none | 2 |" in out and "| comparative | 2 |" in out and "Representation probe" in out
     res = json.loads((wd / "table1.json").read_text())
     assert res["seeds"] == [0, 1] and {r["init"] for r in res["rows"]} == {"none", "comparative"}
@@ -198,7 +239,10 @@ def test_table1_main_job_tiny(tmp_path):
     # both seeds score the same test cases (data and split are fixed by data_seed)
     assert len({tuple(sorted(r["cases"])) for r in res["runs"]}) == 1
     comp = next(r for r in res["rows"] if r["init"] == "comparative")
-    assert comp["seeds"] == 2 and comp["paired_dice"]["spleen"]["n"] == 2 * len(res["runs"][0]["cases"])
+    paired, cases = comp["paired_dice"]["spleen"], len(res["runs"][0]["cases"])
+    assert comp["seeds"] == 2 and paired["n"] == 2 * cases and (paired["seeds"], paired["cases"]) == (2, cases)
+    assert len(paired["per_seed"]) == 2 and paired["low"] <= paired["mean"] <= paired["high"]
+    assert f"over 2 seed(s) × {cases} test case(s)" in (wd / "table1.md").read_text()
     assert {(p["objective"], p["state"]) for p in res["probe"]} == {("comparative", s) for s in ("random_init", "encoder", "decoder")}
     assert all(0 <= p["crop_accuracy"][0] <= 1 for p in res["probe"])
     assert {(c["seed"], c["stage"]) for c in res["convergence"]} == {(s, t) for s in (0, 1) for t in ("encoder", "decoder")}
@@ -210,6 +254,7 @@ def test_table1_main_job_tiny(tmp_path):
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[0].startswith("32^3 at 1 mm, T=1.0, stage 2 on probs") and cells[1] == "comparative"
     assert cells[4] == f"{sum(c.get('learned') is False for c in res['convergence'])} of 4"
+    assert cells[-1].endswith(f"(2×{cases})")
 
 
 def test_pretrain_throughput_benchmark(tmp_path):

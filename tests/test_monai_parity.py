@@ -127,6 +127,14 @@ def test_load_monai_checkpoint_file(tmp_path):
     path = tmp_path / "unetr.pt"
     torch.save({"state_dict": net.state_dict(), "epoch": 3}, path)
     model = UNETR(**cfg)
+    from jaxseg.io import WeightsError, accept_weights
+
+    # a checkpoint from elsewhere has no checksum: refused unless the user allows it or accepts it once
+    with pytest.raises(WeightsError, match="unetr.pt: a checkpoint without unetr.pt.sha256.*allow_unverified"):
+        load_monai_checkpoint(str(path), model)
+    with pytest.warns(UserWarning, match="UNVERIFIED"):
+        load_monai_checkpoint(str(path), model, allow_unverified=True)
+    assert accept_weights(path) == f"wrote {path}.sha256"
     params = load_monai_checkpoint(str(path), model)
     x = np.random.default_rng(1).standard_normal((1, 32, 32, 32, 1)).astype(np.float32)
     with torch.no_grad():

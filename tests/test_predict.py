@@ -90,3 +90,38 @@ def test_flip_tta_is_refused_for_a_model_not_trained_on_flips():
         with pytest.raises(UserError, match="predict without --tta"):
             model_predictor(None, None, dataclasses.replace(PREP, train_flip_prob=p), flip_tta=True)
     check_flip_tta(dataclasses.replace(PREP, train_flip_prob=0.5))  # trained to be flip-invariant: allowed
+
+
+def test_outputs_never_overwrite_an_input_or_each_other(tmp_path):
+    from jaxseg.predict import check_outputs
+
+    scans = [tmp_path / "p.nii", tmp_path / "p.nii.gz", tmp_path / "q.nii.gz"]
+    with pytest.raises(UserError, match="p.nii and .*p.nii.gz would both be written as .*p.nii.gz"):
+        check_outputs(scans, None, tmp_path / "out")
+    with pytest.raises(UserError, match="writing q.nii.gz there would overwrite the input"):
+        check_outputs(scans[2:], None, tmp_path)  # --output = the input folder
+    with pytest.raises(UserError, match="writing q_probs.nii.gz there would overwrite the input"):
+        check_outputs(scans[2:], tmp_path / "out" / "q_probs.nii.gz", tmp_path / "out")  # the --label file
+    check_outputs(scans[1:], None, tmp_path / "out")  # distinct names, another folder: fine
+
+
+def test_weights_without_a_checksum_load_only_when_allowed_then_accepted_for_good(tmp_path):
+    from flax import serialization
+
+    from jaxseg.io import WeightsError, accept_weights, load_weights, save_weights
+
+    params = {"params": {"w": np.arange(6, dtype=np.float32).reshape(2, 3)}}
+    save_weights(tmp_path / "new.msgpack", params)
+    legacy = tmp_path / "old.msgpack"
+    legacy.write_bytes(serialization.to_bytes(params))  # an older jaxseg's file: no checksum header
+    data = bytearray(legacy.read_bytes())
+    data[-1] ^= 0x01  # a flipped bit that nothing can detect
+    legacy.write_bytes(bytes(data))
+    with pytest.raises(WeightsError, match="old.msgpack: a weights file without a checksum .*cannot be verified"):
+        load_weights(legacy, params)
+    with pytest.warns(UserWarning, match="loaded UNVERIFIED"):
+        damaged = load_weights(legacy, params, allow_unverified=True)
+    assert not np.array_equal(damaged["params"]["w"], params["params"]["w"])  # why it is refused by default
+    assert accept_weights(legacy).endswith("checksum added")
+    assert np.array_equal(load_weights(legacy, params)["params"]["w"], damaged["params"]["w"])  # verified now
+    assert accept_weights(tmp_path / "new.msgpack").endswith("already carries a checksum (verified)")

@@ -9,7 +9,7 @@ import pytest
 
 from jaxseg.probe import collapse_stats, partition_labels, pooled_slices, representation_probe, probe_accuracy
 from jaxseg.protocol import summary_rows
-from jaxseg.stats import bootstrap_ci, mean_sd
+from jaxseg.stats import bootstrap_ci, crossed_bootstrap_ci, mean_sd
 
 
 def test_pooled_slices_match_a_loop():
@@ -82,6 +82,31 @@ def test_mean_sd_and_bootstrap():
     assert m == pytest.approx(x.mean()) and lo < m < hi
     assert hi - lo == pytest.approx(2 * 1.96 * se, rel=0.15)  # the normal interval, for a mean of 200
     assert bootstrap_ci(x) == bootstrap_ci(x)  # seeded
+
+
+def test_crossed_bootstrap_resamples_seeds_and_cases_as_a_loop_would():
+    rng = np.random.default_rng(1)
+    d = rng.normal(0.1, 0.05, (3, 4)) + rng.normal(0, 0.2, (3, 1))  # a seed effect larger than the case noise
+    d[1, 2] = math.nan
+    m, lo, hi = crossed_bootstrap_ci(d, resamples=2000, seed=7)
+    draws = np.random.default_rng(7)  # the same draws, by the obvious loop
+    rows, cols = draws.integers(0, 3, (2000, 3)), draws.integers(0, 4, (2000, 4))
+    means = []
+    for r, c in zip(rows, cols):
+        vals = [d[i, j] for i in r for j in c if not math.isnan(d[i, j])]
+        means.append(sum(vals) / len(vals))
+    assert m == pytest.approx(np.nanmean(d))
+    assert (lo, hi) == pytest.approx(tuple(np.quantile(means, [0.025, 0.975])))
+    # seeds count: the naive interval over the 11 pairs is much narrower than the crossed one
+    _, nlo, nhi = bootstrap_ci(d[np.isfinite(d)])
+    assert hi - lo > 2 * (nhi - nlo)
+    # one seed: the case bootstrap; identical seeds: no extra width
+    one = d[:1]
+    assert crossed_bootstrap_ci(one)[1:] == pytest.approx(bootstrap_ci(one[0])[1:], abs=0.01)
+    same = np.repeat(d[:1], 3, axis=0)
+    assert crossed_bootstrap_ci(same)[2] - crossed_bootstrap_ci(same)[1] == pytest.approx(
+        bootstrap_ci(d[0])[2] - bootstrap_ci(d[0])[1], abs=0.02)
+    assert all(math.isnan(v) for v in crossed_bootstrap_ci(np.full((2, 2), math.nan)))
 
 
 def test_summary_rows_pair_by_seed_and_case():

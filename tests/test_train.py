@@ -20,7 +20,8 @@ from jaxseg.io import load_weights, save_weights
 from jaxseg.train.checkpoint import Checkpointer, check_workdir
 from jaxseg.train.loop import NonFiniteLossError, converged, run_loop
 from jaxseg.train.pretrain import PretrainSpec, make_pretrain_step, pretrain_state
-from jaxseg.workflow import init_params, make_model
+from jaxseg.models import init_params
+from jaxseg.workflow import make_model
 from jaxseg.train.sharding import data_mesh, replicate, shard_batch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,7 +35,7 @@ def cache(spleen_cache):
 
 def _setup(cache, cfg, stage):
     model = make_model(cfg, cache.task)
-    params = init_params(model, cfg)
+    params = init_params(model, cfg.seed)
     state, tx = pretrain_state(model, params, cfg, stage)
     step = make_pretrain_step(model, tx, PretrainSpec.from_config(cfg), stage, multilabel=False)
     ds = pretrain_dataset(cache, cache.training, PretrainDataConfig(crop_size=cfg.model.crop_size), seed=0)
@@ -77,7 +78,7 @@ def test_sequential_step_is_one_graph_with_the_unrolled_numbers(cache, stage="en
 
     model = make_model(CFG, cache.task)
     tx = optax.sgd(0.5)  # plain SGD: parameters compare tightly (Adam amplifies rounding of ~0 gradients)
-    state = create_state(init_params(model, CFG), tx)
+    state = create_state(init_params(model, CFG.seed), tx)
     step = make_pretrain_step(model, tx, PretrainSpec.from_config(CFG), stage, multilabel=False)
     ds = pretrain_dataset(cache, cache.training, PretrainDataConfig(crop_size=CFG.model.crop_size), seed=0)
     batches = [{k: jnp.asarray(v) for k, v in ds[i].items()} for i in range(2)]
@@ -291,7 +292,8 @@ import jax, numpy as np, jax.numpy as jnp
 from jaxseg.config import get_config
 from jaxseg.data import Cache, PretrainDataConfig, load_dataset_json, prepare, pretrain_dataset, write_phantom_dataset
 from jaxseg.train.pretrain import PretrainSpec, make_pretrain_step, pretrain_state
-from jaxseg.workflow import init_params, make_model
+from jaxseg.models import init_params
+from jaxseg.workflow import make_model
 from jaxseg.train.sharding import data_mesh, replicate, shard_batch
 assert len(jax.devices()) == 4
 d = write_phantom_dataset(r"{tmp_path}/data", "spleen", 3, shape=(32, 32, 20), seed=1, workers=1)
@@ -302,7 +304,7 @@ traj = []
 for devices in (jax.devices()[:1], jax.devices()):
     mesh = data_mesh(devices)
     model = make_model(cfg, cache.task)
-    state, tx = pretrain_state(model, init_params(model, cfg), cfg, "encoder")  # sharding is the same for both stages
+    state, tx = pretrain_state(model, init_params(model, cfg.seed), cfg, "encoder")  # sharding is the same for both stages
     state = replicate(state, mesh)
     step = make_pretrain_step(model, tx, PretrainSpec.from_config(cfg), "encoder", False)
     ds = pretrain_dataset(cache, cache.training, PretrainDataConfig(crop_size=32), seed=0)
@@ -410,6 +412,23 @@ def test_a_read_only_work_dir_during_training_is_named(tmp_path, monkeypatch):
         _toy_loop(tmp_path, lambda k: 1.0, 3, ckpt_every=1)
 
 
+def test_a_work_dir_that_vanishes_during_training_is_named(tmp_path):
+    """orbax would make the checkpoint folder anew (and the metrics written so far are gone):
+    the run stops at its next checkpoint, in one line."""
+    import shutil
+
+    workdir = tmp_path / "w"
+
+    def vanish(k):
+        if k == 3:
+            shutil.rmtree(workdir)
+
+    with pytest.raises(UserError) as e:
+        _toy_loop(workdir, lambda k: 1.0, 6, on_step=vanish, ckpt_every=2)
+    msg = str(e.value)
+    assert msg.startswith(f"{workdir}: the folder vanished during training") and "\n" not in msg
+
+
 @pytest.mark.parametrize("damage", ["two bytes flipped", "truncated", "garbage", "empty"])
 def test_a_damaged_weights_file_is_refused_naming_it(tmp_path, damage):
     from jaxseg.io import WeightsError
@@ -445,7 +464,7 @@ def test_a_sampled_objective_takes_its_triplets_from_the_pipeline(cache):
     cfg = CFG.replace(objective="comparative_sampled", sampled_triplets=16, axis_mode="joint")
     spec = PretrainSpec.from_config(cfg)
     model = make_model(cfg, cache.task)
-    params = init_params(model, cfg)
+    params = init_params(model, cfg.seed)
     ds = pretrain_dataset(cache, cache.training, cfg.pretrain_data(), seed=0)
     batch = {k: jnp.asarray(v) for k, v in ds[2].items()}
     feats = stage_features(model, params, batch["image"], "encoder", "probs", False)

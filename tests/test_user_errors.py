@@ -1,5 +1,5 @@
 """Never a stale or silently wrong result: impossible settings refused up front with one line,
-outputs that keep the settings that made them, a cache redone when its preprocessing differs,
+outputs that keep the settings that made them, one cache folder per preparation (never changed in place),
 concurrent prepares, a full disk named, stale temp folders cleaned."""
 
 import errno
@@ -15,6 +15,7 @@ import pytest
 from jaxseg.config import get_config, job_settings
 from jaxseg.data import Cache, DataValidationError, PrepareConfig, load_dataset_json, prepare, write_phantom_dataset
 from jaxseg.data import cache as cache_mod
+from jaxseg.data.cache import prepared_cache
 from jaxseg.errors import UserError
 from jaxseg.run_settings import SETTINGS_FILE, claim_output_dir
 
@@ -79,9 +80,11 @@ def test_user_errors_print_one_line_and_exit_2(tmp_path):
     assert not (tmp_path / "cache").exists()  # refused before any data work
     proc = _run("experiments.finetune", "--config=tiny", f"--workdir={tmp_path}", "--finetune_steps=-5", "--verbose")
     assert proc.returncode != 0 and "Traceback" in proc.stderr
-    proc = _run("experiments.prepare", f"--data_dir={tmp_path}", f"--out_dir={tmp_path / 'c'}", "--spacing=1,1")
-    assert proc.returncode == 2 and "spacing must be three positive numbers" in proc.stderr
-    proc = _run("experiments.prepare", f"--data_dir={tmp_path / 'none'}", f"--out_dir={tmp_path / 'c'}")
+    proc = _run("experiments.prepare", f"--data_dir={tmp_path}", f"--cache_dir={tmp_path / 'c'}", "--target_spacing=1,1")
+    assert proc.returncode == 2 and "target_spacing must be three positive numbers" in proc.stderr
+    proc = _run("experiments.prepare", f"--data_dir={tmp_path}", f"--cache_dir={tmp_path / 'c'}", "--target_spacing=a")
+    assert proc.returncode == 2 and "target_spacing must be one or three numbers in mm, got 'a'" in proc.stderr
+    proc = _run("experiments.prepare", f"--data_dir={tmp_path / 'none'}", f"--cache_dir={tmp_path / 'c'}")
     assert proc.returncode == 2 and "dataset.json" in proc.stderr and "Traceback" not in proc.stderr
 
 
@@ -91,17 +94,73 @@ def phantom(tmp_path_factory):
                                                    shape=(32, 32, 20), seed=2, workers=1))
 
 
-def test_cache_is_redone_when_its_preprocessing_differs(phantom, tmp_path):
-    out = tmp_path / "cache"
-    assert prepare(phantom, out, PrepareConfig(target_spacing=(2.0, 2.0, 2.0)), workers=1, progress=False)["done"] == 2
-    coarse = Cache(out).image(Cache(out).training[0]).shape
-    assert cache_mod.is_current(phantom, out, PrepareConfig(target_spacing=(2.0, 2.0, 2.0)))
-    assert not cache_mod.is_current(phantom, out, PrepareConfig())
-    status = prepare(phantom, out, PrepareConfig(), workers=1, progress=False)  # 1 mm now
-    assert status == {"done": 2, "skipped": 0, "failed": 0}
-    cache = Cache(out)
-    assert cache.index["target_spacing"] == [1.0, 1.0, 1.0] and cache.image(cache.training[0]).shape[0] > coarse[0]
-    assert prepare(phantom, out, PrepareConfig(), workers=1, progress=False)["skipped"] == 2
+def test_each_preparation_has_its_own_folder_and_a_complete_one_never_changes(phantom, tmp_path):
+    root = tmp_path / "cache"
+    coarse = prepared_cache(phantom, root, PrepareConfig(target_spacing=(2.0, 2.0, 2.0)), workers=1, progress=False)
+    fine = prepared_cache(phantom, root, PrepareConfig(), workers=1, progress=False)
+    assert coarse.name.startswith("2x2x2mm-") and fine.name.startswith("1x1x1mm-")
+    assert Cache(coarse).index["target_spacing"] == [2.0, 2.0, 2.0] and Cache(fine).index["target_spacing"] == [1.0] * 3
+    c, f = Cache(coarse), Cache(fine)
+    assert f.image(f.training[0]).shape[0] > c.image(c.training[0]).shape[0]
+    before = {p: p.read_bytes() for p in coarse.rglob("*") if p.is_file()}
+    with pytest.raises(UserError, match="holds a complete cache prepared with target spacing \\[2.0, 2.0, 2.0\\] mm"):
+        prepare(phantom, coarse, PrepareConfig(), workers=1, progress=False)  # never rewritten in place
+    assert {p: p.read_bytes() for p in coarse.rglob("*") if p.is_file()} == before
+    assert prepare(phantom, fine, PrepareConfig(), workers=1, progress=False)["skipped"] == 2
+
+
+def test_an_edited_dataset_json_is_checked_again_in_a_folder_of_its_own(phantom, tmp_path):
+    """Cases are reused (hard links) only when their files, the settings and the dataset terms
+    they depend on are the same; an edited modality re-prepares and re-checks every case."""
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(phantom.root, data)
+    root = tmp_path / "cache"
+    first = prepared_cache(load_dataset_json(data), root, workers=1, progress=False)
+    meta = json.loads((data / "dataset.json").read_text())
+    (data / "dataset.json").write_text(json.dumps({**meta, "name": "renamed"}))
+    renamed = prepared_cache(load_dataset_json(data), root, workers=1, progress=False)
+    case = Cache(first).training[0]
+    assert renamed != first and Cache(renamed).index["name"] == "renamed"
+    assert os.path.samefile(first / "cases" / case / "image.npy", renamed / "cases" / case / "image.npy")  # reused
+    (data / "dataset.json").write_text(json.dumps({**meta, "modality": {"0": "MRI"}}))
+    mri = prepared_cache(load_dataset_json(data), root, workers=1, progress=False)
+    assert not Cache(mri).index["is_ct"] and Cache(first).index["is_ct"]  # the first one untouched
+    assert not os.path.samefile(first / "cases" / case / "image.npy", mri / "cases" / case / "image.npy")
+    assert abs(float(Cache(mri).image(case).mean())) < 0.5 < float(Cache(first).image(case).max())  # z-scored, not windowed
+    (data / "dataset.json").write_text(json.dumps({**meta, "labels": {"0": "background"}}))  # spleen (1) removed
+    with pytest.raises(DataValidationError, match="label value\\(s\\) \\[1\\] not in dataset.json labels"):
+        prepared_cache(load_dataset_json(data), root, workers=1, progress=False)
+
+
+def test_two_jobs_of_different_spacing_share_a_cache_root_without_touching_each_other(phantom, tmp_path):
+    from jaxseg.workflow import ensure_data
+
+    root = tmp_path / "shared"
+    results, errors = {}, []
+
+    def job(spacing):
+        try:
+            cfg = get_config("tiny", data_dir=str(phantom.root), cache_dir=str(root), target_spacing=spacing,
+                             val_fraction=0.0, test_fraction=0.0)
+            results[spacing] = ensure_data(cfg, tmp_path / f"work{spacing}", progress=False)[0]
+        except Exception as e:  # noqa: BLE001 (reported below)
+            errors.append(e)
+
+    threads = [threading.Thread(target=job, args=(sp,)) for sp in (1.0, 2.0)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    one, two = Path(results[1.0].root), Path(results[2.0].root)
+    assert one.parent == two.parent == root and one != two
+    before = {p: p.read_bytes() for p in one.rglob("*") if p.is_file()}
+    again = get_config("tiny", data_dir=str(phantom.root), cache_dir=str(root), target_spacing=2.0,
+                       val_fraction=0.0, test_fraction=0.0)
+    assert Path(ensure_data(again, tmp_path / "work3", progress=False)[0].root) == two  # found, not redone
+    assert {p: p.read_bytes() for p in one.rglob("*") if p.is_file()} == before
 
 
 def test_concurrent_prepares_into_one_folder(phantom, tmp_path):
@@ -131,7 +190,7 @@ def test_full_disk_names_the_file_and_leaves_no_temp_folder(phantom, tmp_path, m
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(cache_mod.np, "save", no_space)
-    state, problems = cache_mod._prepare_one(phantom.training[0], phantom, tmp_path, PrepareConfig(), True)
+    state, problems = cache_mod._prepare_one(phantom.training[0], phantom, tmp_path, PrepareConfig())
     assert state == "failed" and "image.npy" in problems[0] and "the disk is full" in problems[0]
     assert not list((tmp_path / "cases").glob(".tmp-*"))
 
@@ -149,8 +208,8 @@ def test_dataset_json_entry_errors_name_the_file(tmp_path):
 def test_prepare_of_an_unchanged_dataset_does_nothing_and_jobs_reuse_its_cache(phantom, tmp_path, monkeypatch):
     from jaxseg.workflow import ensure_data
 
-    out = tmp_path / "shared_cache"
-    assert prepare(phantom, out, PrepareConfig(), workers=1, progress=False)["done"] == 2
+    root = tmp_path / "shared_cache"
+    out = prepared_cache(phantom, root, PrepareConfig(), workers=1, progress=False)
     index = (out / "cache.json").stat().st_mtime_ns
 
     def no_pool(*a, **k):
@@ -158,7 +217,7 @@ def test_prepare_of_an_unchanged_dataset_does_nothing_and_jobs_reuse_its_cache(p
 
     monkeypatch.setattr(cache_mod.cf, "ProcessPoolExecutor", no_pool)
     assert prepare(phantom, out, PrepareConfig(), workers=1, progress=False) == {"done": 0, "skipped": 2, "failed": 0}
-    cfg = get_config("tiny", data_dir=str(phantom.root), cache_dir=str(out), val_fraction=0.0, test_fraction=0.0)
+    cfg = get_config("tiny", data_dir=str(phantom.root), cache_dir=str(root), val_fraction=0.0, test_fraction=0.0)
     cache, split = ensure_data(cfg, tmp_path / "work", progress=False)
     assert Path(cache.root) == out and not (tmp_path / "work" / "cache").exists()  # one cache
     assert (out / "cache.json").stat().st_mtime_ns == index and len(split["train"]) == 2

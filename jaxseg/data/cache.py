@@ -8,10 +8,8 @@ never leaves a folder that looks complete; re-running skips complete, readable c
 from __future__ import annotations
 
 import concurrent.futures as cf
-import contextlib
 import dataclasses
 import errno
-import fcntl
 import functools
 import hashlib
 import json
@@ -23,6 +21,7 @@ from typing import Sequence
 
 import numpy as np
 
+from jaxseg.distributed.locks import locked
 from jaxseg.errors import UserError
 from jaxseg.io import atomic_write_text, check_writable
 
@@ -64,15 +63,42 @@ def dataset_fingerprint(info: DatasetInfo) -> str:
     return h.hexdigest()
 
 
-def is_current(info: DatasetInfo, out_dir: str | Path, cfg: PrepareConfig, include_test: bool = False) -> bool:
+def dataset_terms(info: DatasetInfo) -> dict:
+    """What of dataset.json a cached case depends on beside its own files: the modalities (CT
+    windowing or z-scoring, the channel count) and the labels (which values are valid, regions)."""
+    return {"modality": {str(k): v for k, v in info.modality.items()},
+            "labels": {str(k): v for k, v in info.labels.items()}}
+
+
+def cache_key(info: DatasetInfo, cfg: PrepareConfig) -> str:
+    """The folder name of ``info`` prepared with ``cfg`` inside a cache root: the spacing, and a
+    digest of the preprocessing settings and of the dataset (``dataset_fingerprint``). Another
+    setting or an edited dataset is another folder, so a prepared cache never changes in place."""
+    digest = hashlib.sha256(json.dumps([_settings(cfg), dataset_fingerprint(info)]).encode()).hexdigest()
+    return "x".join(f"{v:g}" for v in cfg.target_spacing) + f"mm-{digest[:12]}"
+
+
+def prepared_cache(info: DatasetInfo, root: str | Path, cfg: PrepareConfig = PrepareConfig(),
+                   workers: int | None = None, progress: bool = True) -> Path:
+    """The folder under ``root`` that holds ``info`` prepared with ``cfg`` (``cache_key``),
+    prepared first if it is not complete; returns at once when it is."""
+    folder = Path(root) / cache_key(info, cfg)
+    prepare(info, folder, cfg, workers=workers, progress=progress)
+    return folder
+
+
+def is_current(info: DatasetInfo, out_dir: str | Path, cfg: PrepareConfig) -> bool:
     """Whether ``out_dir`` already holds ``info`` prepared with ``cfg`` (then nothing to do)."""
+    index = _read_index(out_dir)
+    return index.get("prepare") == _settings(cfg) and index.get("fingerprint") == dataset_fingerprint(info)
+
+
+def _read_index(out_dir: str | Path) -> dict:
     try:
         index = json.loads((Path(out_dir) / INDEX).read_text())
     except (OSError, ValueError):
-        return False
-    if include_test and len(index.get("test", [])) < len(info.test):
-        return False
-    return index.get("prepare") == _settings(cfg) and index.get("fingerprint") == dataset_fingerprint(info)
+        return {}
+    return index if isinstance(index, dict) else {}
 
 
 def _settings(cfg: PrepareConfig) -> dict:
@@ -81,18 +107,6 @@ def _settings(cfg: PrepareConfig) -> dict:
 
 def _source_stamp(case: Case) -> list:
     return [[str(f), os.stat(f).st_size, os.stat(f).st_mtime_ns] for f in (case.image, case.label) if f is not None]
-
-
-@contextlib.contextmanager
-def _locked(out_dir: Path):
-    """One ``prepare`` at a time per cache folder (others wait, then find their cases done)."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with open(out_dir / ".lock", "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def is_complete(path: Path) -> bool:
@@ -110,17 +124,50 @@ def is_complete(path: Path) -> bool:
         return False
 
 
-def _prepare_one(case: Case, info: DatasetInfo, out_dir: Path, cfg: PrepareConfig,
-                 require_label: bool) -> tuple[str, list[str]]:
+def _same_preparation(path: Path, expect: dict) -> bool:
+    """Whether the complete case folder ``path`` was prepared from the same files, settings and
+    dataset terms as ``expect`` says."""
+    if not is_complete(path):
+        return False
+    meta = json.loads((path / "meta.json").read_text())
+    return all(meta.get(k) == v for k, v in expect.items())
+
+
+def _reuse(case_id: str, out_dir: Path, expect: dict) -> bool:
+    """Hard-link (or copy) the case from another preparation under the same cache root made
+    from the same files and settings (the dataset edited elsewhere, a case added): no work
+    done twice, and the other folder untouched."""
+    final = case_dir(out_dir, case_id)
+    for other in sorted(out_dir.parent.glob(f"*/cases/{case_id}")):
+        if other.parent.parent == out_dir or not _same_preparation(other, expect):
+            continue
+        tmp = final.parent / f".tmp-{case_id}-{os.getpid()}"
+        try:
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.copytree(other, tmp, copy_function=_link_or_copy)
+            os.replace(tmp, final)
+            return True
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return False
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)  # cached files are never modified, only replaced: safe to share
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def _prepare_one(case: Case, info: DatasetInfo, out_dir: Path, cfg: PrepareConfig) -> tuple[str, list[str]]:
     final = case_dir(out_dir, case.case_id)
     try:
         stamp = _source_stamp(case)
     except OSError:
         stamp = None  # a missing file: reported below
-    if is_complete(final):
-        meta = json.loads((final / "meta.json").read_text())
-        if meta.get("prepare") == _settings(cfg) and meta.get("source") == stamp:
-            return "skipped", []
+    expect = {"prepare": _settings(cfg), "source": stamp, "dataset": dataset_terms(info)}
+    if stamp is not None and (_same_preparation(final, expect) or _reuse(case.case_id, out_dir, expect)):
+        return "skipped", []
     try:
         image, affine = load_nifti(case.image)
     except DataValidationError as e:
@@ -131,7 +178,7 @@ def _prepare_one(case: Case, info: DatasetInfo, out_dir: Path, cfg: PrepareConfi
             label, lab_aff = load_nifti(case.label)
         except DataValidationError as e:
             return "failed", e.problems
-    problems = check_case(case, info, require_label, image, affine, label, lab_aff)
+    problems = check_case(case, info, True, image, affine, label, lab_aff)
     if problems:
         return "failed", problems
     out = preprocess_case(image, affine, label, target_spacing=cfg.target_spacing, ct=info.is_ct,
@@ -139,7 +186,7 @@ def _prepare_one(case: Case, info: DatasetInfo, out_dir: Path, cfg: PrepareConfi
     tmp = final.parent / f".tmp-{case.case_id}-{os.getpid()}"
     meta = {**out["meta"], "case_id": case.case_id, "image_file": str(case.image),
             "label_file": str(case.label) if case.label else None, "has_label": out["label"] is not None,
-            "cached_shape": list(out["image"].shape), "prepare": _settings(cfg), "source": stamp}
+            "cached_shape": list(out["image"].shape), **expect}
     target = tmp
     try:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -162,26 +209,41 @@ def _prepare_one(case: Case, info: DatasetInfo, out_dir: Path, cfg: PrepareConfi
 
 
 def prepare(info: DatasetInfo, out_dir: str | Path, cfg: PrepareConfig = PrepareConfig(),
-            workers: int | None = None, include_test: bool = False, progress: bool = True) -> dict:
-    """Preprocess every training case (and test images with ``include_test``) into ``out_dir``
-    in parallel processes. Cases with problems are not cached; all problems are raised together
-    at the end as ``DataValidationError`` (valid cases stay cached, no work is lost)."""
+            workers: int | None = None, progress: bool = True) -> dict:
+    """Preprocess every training case into ``out_dir`` in parallel processes. Cases with
+    problems are not cached; all problems are raised together at the end as
+    ``DataValidationError`` (valid cases stay cached, no work is lost; a rerun goes on). A
+    complete cache of other settings or of another version of the dataset is never changed:
+    ``UserError`` (jobs use ``prepared_cache``, one folder per preparation)."""
     out_dir = Path(out_dir)
     if workers is not None and workers < 1:
         raise UserError(f"workers must be >= 1 (or None: one per core), got {workers}")
     check_writable(out_dir, "cache folder")  # before any case is read
-    if is_current(info, out_dir, cfg, include_test):  # nothing changed: no lock, no pool, no case re-read
-        return {"done": 0, "skipped": len(info.training) + (len(info.test) if include_test else 0), "failed": 0}
-    with _locked(out_dir):
-        return _prepare_locked(info, out_dir, cfg, workers, include_test, progress)
+    if is_current(info, out_dir, cfg):  # nothing changed: no lock, no pool, no case re-read
+        return {"done": 0, "skipped": len(info.training), "failed": 0}
+    with locked(out_dir / ".lock"):
+        _refuse_other_complete_cache(info, out_dir, cfg)
+        return _prepare_locked(info, out_dir, cfg, workers, progress)
 
 
-def _prepare_locked(info, out_dir: Path, cfg: PrepareConfig, workers, include_test: bool, progress: bool) -> dict:
+def _refuse_other_complete_cache(info: DatasetInfo, out_dir: Path, cfg: PrepareConfig) -> None:
+    index = _read_index(out_dir)
+    if not index.get("fingerprint") or is_current(info, out_dir, cfg):
+        return  # empty, unfinished (killed or with problems), or just finished by another process
+    what = (f"target spacing {index.get('prepare', {}).get('target_spacing')} mm, not "
+            f"{list(cfg.target_spacing)} mm" if index.get("prepare") != _settings(cfg) else
+            "another version of the dataset (dataset.json or its files have changed since)")
+    raise UserError(f"{out_dir}: holds a complete cache prepared with {what}; a prepared cache is never "
+                    f"changed in place (a running job may read it). Use another folder, or the cache root, "
+                    f"where each preparation has its own folder")
+
+
+def _prepare_locked(info, out_dir: Path, cfg: PrepareConfig, workers, progress: bool) -> dict:
     (out_dir / "cases").mkdir(parents=True, exist_ok=True)
     for stale in (out_dir / "cases").glob(".tmp-*"):  # left by a killed run (we hold the lock)
         shutil.rmtree(stale, ignore_errors=True)
     fingerprint = dataset_fingerprint(info)
-    jobs = [(c, True) for c in info.training] + ([(c, False) for c in info.test] if include_test else [])
+    jobs = list(info.training)
     workers = workers or max(1, min(len(jobs), os.cpu_count() or 1))
     status: dict[str, int] = {"done": 0, "skipped": 0, "failed": 0}
     problems: list[str] = []
@@ -190,7 +252,7 @@ def _prepare_locked(info, out_dir: Path, cfg: PrepareConfig, workers, include_te
     bar = tqdm(total=len(jobs), desc="prepare", unit="case", disable=not progress)
     # spawn, not fork: forking a process that runs JAX threads can deadlock.
     with cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
-        futures = [pool.submit(_prepare_one, c, info, out_dir, cfg, req) for c, req in jobs]
+        futures = [pool.submit(_prepare_one, c, info, out_dir, cfg) for c in jobs]
         for fut in cf.as_completed(futures):
             state, probs = fut.result()
             status[state] += 1
@@ -202,7 +264,6 @@ def _prepare_locked(info, out_dir: Path, cfg: PrepareConfig, workers, include_te
         "name": info.name, "modality": {str(k): v for k, v in info.modality.items()},
         "labels": {str(k): v for k, v in info.labels.items()},
         "training": [c.case_id for c in info.training if is_complete(case_dir(out_dir, c.case_id))],
-        "test": [c.case_id for c in info.test if include_test and is_complete(case_dir(out_dir, c.case_id))],
         "target_spacing": list(cfg.target_spacing), "is_ct": info.is_ct,
         "prepare": _settings(cfg), "fingerprint": fingerprint if not problems else None,
     }

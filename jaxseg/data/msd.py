@@ -61,6 +61,39 @@ def _resolve(root: Path, rel: str) -> Path:
     return root / rel
 
 
+def dataset_json_problems(meta) -> list[str]:
+    """Every way ``meta`` (dataset.json as parsed) is not an MSD description, one phrase each:
+    the keys and the type of each, before anything reads them."""
+    if not isinstance(meta, dict):
+        return [f"must be a JSON object with \"modality\", \"labels\" and \"training\", not {type(meta).__name__}"]
+    missing = [k for k in ("modality", "labels", "training") if k not in meta]
+    if missing:
+        return [f"missing key(s) {missing}"]
+    out = []
+    for key in ("modality", "labels"):
+        if not isinstance(meta[key], dict) or not meta[key]:
+            out.append(f"\"{key}\" must be a non-empty object of index -> name, not {json.dumps(meta[key])[:60]}")
+            continue
+        out += [f"{key} key {k!r} is not an integer" for k in meta[key] if not str(k).lstrip("-").isdigit()]
+        out += [f"{key} {k!r}: the name must be a string, not {json.dumps(v)[:40]}" for k, v in meta[key].items()
+                if not isinstance(v, str)]
+    if not isinstance(meta["training"], list):
+        out.append(f"\"training\" must be a list of {{\"image\", \"label\"}} entries, not "
+                   f"{type(meta['training']).__name__}")
+    else:
+        out += [f"training entry {i} has no \"image\" path" for i, e in enumerate(meta["training"])
+                if not isinstance(e, dict) or not isinstance(e.get("image"), str)]
+        out += [f"training entry {i}: \"label\" must be a path, not {json.dumps(e['label'])[:40]}"
+                for i, e in enumerate(meta["training"])
+                if isinstance(e, dict) and e.get("label") is not None and not isinstance(e["label"], str)]
+    test = meta.get("test", [])
+    if not isinstance(test, list) or not all(isinstance(t, str) for t in test):
+        out.append("\"test\" must be a list of image paths (strings)")
+    if "name" in meta and not isinstance(meta["name"], str):
+        out.append(f"\"name\" must be a string, not {json.dumps(meta['name'])[:40]}")
+    return out
+
+
 def load_dataset_json(root: str | Path) -> DatasetInfo:
     """Parse ``root/dataset.json`` (keys ``name``, ``modality``, ``labels``, ``training`` as a
     list of ``{"image", "label"}``, ``test`` as a list of paths)."""
@@ -72,15 +105,11 @@ def load_dataset_json(root: str | Path) -> DatasetInfo:
         meta = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise DataValidationError([f"{path}: not valid JSON ({e})"]) from None
-    missing = [k for k in ("modality", "labels", "training") if k not in meta]
-    if missing:
-        raise DataValidationError([f"{path}: missing key(s) {missing}"])
-    problems = [f"{path}: training entry {i} has no \"image\" path" for i, e in enumerate(meta["training"])
-                if not isinstance(e, dict) or not isinstance(e.get("image"), str)]
-    problems += [f"{path}: {key} key {k!r} is not an integer" for key in ("modality", "labels")
-                 for k in meta[key] if not str(k).lstrip("-").isdigit()]
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataValidationError([f"{path}: cannot be read ({e})"]) from None
+    problems = dataset_json_problems(meta)
     if problems:
-        raise DataValidationError(problems)
+        raise DataValidationError([f"{path}: {p}" for p in problems])
     training = tuple(
         Case(case_id_from_path(e["image"]), _resolve(root, e["image"]),
              _resolve(root, e["label"]) if e.get("label") else None)
@@ -145,6 +174,9 @@ def check_case(case: Case, info: DatasetInfo, require_label: bool = True,
         problems.append(f"{case.label}: affine differs from the image's ({case.image.name})")
     if not np.all(np.isfinite(label)):
         problems.append(f"{case.label}: NaN/inf in the label map")
+    elif (fractional := np.unique(label[label != np.rint(label)])).size:
+        problems.append(f"{case.label}: non-integer label value(s) {fractional[:5].tolist()} (a label map holds "
+                        f"class indices; was it resampled with interpolation?)")
     else:
         values = set(np.unique(label).astype(int).tolist())
         unknown = sorted(values - set(info.labels))

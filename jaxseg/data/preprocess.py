@@ -3,6 +3,7 @@ label conversion and foreground cropping, with the bookkeeping to map prediction
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Mapping, Sequence
 
 import nibabel as nib
@@ -164,4 +165,15 @@ def restore_label(pred: np.ndarray, meta: Mapping) -> tuple[np.ndarray, np.ndarr
 
 
 def save_nifti(path, data: np.ndarray, affine: np.ndarray) -> None:
-    nib.save(nib.Nifti1Image(data, affine), str(path))
+    """Write a NIfTI file atomically (a reader sees the old file or the new one, never half)."""
+    import os
+
+    path = Path(path)
+    suffix = ".nii.gz" if path.name.endswith(".gz") else ".nii"  # nibabel picks the format by the name
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp{suffix}")
+    try:
+        nib.save(nib.Nifti1Image(data, affine), str(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

@@ -182,18 +182,22 @@ def _check_shapes(params: dict, config: UNETR) -> None:
             )
 
 
-def load_monai_checkpoint(path: str, config: UNETR) -> dict:
+def load_monai_checkpoint(path: str, config: UNETR, allow_unverified: bool = False) -> dict:
     """Load a MONAI UNETR ``.pt`` checkpoint (a bare state_dict, or a dict holding one under
-    'state_dict' / 'model' / 'model_state_dict') and convert it. Imports torch lazily."""
+    'state_dict' / 'model' / 'model_state_dict') and convert it, verified against
+    ``NAME.pt.sha256`` (``save_monai_checkpoint`` writes it; ``jaxseg.io.accept_weights`` for a
+    file from elsewhere); without one only with ``allow_unverified``. Imports torch lazily."""
     import torch  # optional dependency: only needed to read .pt files
 
     from jaxseg.errors import first_line
-    from jaxseg.io import WeightsError, file_digest
+    from jaxseg.io import WeightsError, file_digest, unverified
 
     if not Path(path).is_file():
         raise WeightsError(f"{path}: no checkpoint file there")
     sidecar = Path(f"{path}.sha256")
-    if sidecar.is_file() and sidecar.read_text().split()[:1] != [file_digest(path)]:
+    if not sidecar.is_file():
+        unverified(path, f"a checkpoint without {sidecar.name} beside it", allow_unverified)
+    elif sidecar.read_text().split()[:1] != [file_digest(path)]:
         raise WeightsError(f"{path}: checksum mismatch against {sidecar.name}: the file is damaged")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)

@@ -12,6 +12,7 @@ Usage (functional)::
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Sequence
 
@@ -201,6 +202,11 @@ def unetr_from_preset(name: str, **overrides: Any) -> UNETR:
     return UNETR(**{**SIZES[name], **overrides})
 
 
+@functools.lru_cache(maxsize=None)
+def _jitted_init(model: UNETR):
+    return jax.jit(model.init)  # one trace and compilation per model and process, however many jobs init it
+
+
 def init_params(model: UNETR, seed: int | jax.Array = 0) -> Any:
     """``model.init`` on a zero batch of one, jitted. Uses the non-partitionable threefry PRNG:
     deterministic like the default, but XLA:CPU compiles UNETR's init ~4x faster with it (the
@@ -208,7 +214,14 @@ def init_params(model: UNETR, seed: int | jax.Array = 0) -> Any:
     key = jax.random.key(seed) if isinstance(seed, int) else seed
     x = jnp.zeros((1, *_as_3tuple(model.img_size), model.in_channels))
     with jax.threefry_partitionable(False):
-        return jax.jit(model.init)(key, x)
+        return _jitted_init(model)(key, x)
+
+
+def param_shapes(model: UNETR) -> Any:
+    """The params tree as ``jax.ShapeDtypeStruct`` leaves, with no compilation or init work:
+    the template a weights file is loaded into, and what the optimizer's labels are made from."""
+    x = jax.ShapeDtypeStruct((1, *_as_3tuple(model.img_size), model.in_channels), jnp.float32)
+    return jax.eval_shape(model.init, jax.random.key(0), x)
 
 
 def count_params(params: Any) -> int:

@@ -49,7 +49,7 @@ class Checkpointer:
                                                      enable_async_checkpointing=False),
             )
         except Exception as e:  # noqa: BLE001
-            fault = disk_fault(e)
+            fault = disk_fault(e, self.directory.parent)
             if fault is None:
                 raise
             raise UserError(f"{self.directory}: {fault}; checkpoints cannot be written there") from None
@@ -61,12 +61,15 @@ class Checkpointer:
         items = {"state": ocp.args.StandardSave(state), "extra": ocp.args.JsonSave(extra)}
         if data_iter is not None:
             items["data"] = grain.checkpoint.CheckpointSave(data_iter)
+        if not self.directory.parent.is_dir():  # orbax would make it anew, and the run's metrics are gone with it
+            raise UserError(f"{self.directory.parent}: the folder vanished during training (its checkpoints and "
+                            f"metrics with it); rerun the same command to start again")
         last = self.latest_step()
         try:
             self.manager.save(step, args=ocp.args.Composite(**items), force=True)
             self.manager.wait_until_finished()
         except Exception as e:  # noqa: BLE001 - orbax / tensorstore bury the OS error in their own
-            fault = disk_fault(e)
+            fault = disk_fault(e, self.directory)
             if fault is None:
                 raise
             self._remove_temporaries()

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import functools
+
 from jaxseg.losses import dice_ce_loss
 from jaxseg.models.unetr import UNETR
 from jaxseg.train.step import make_train_step
 
 
+@functools.lru_cache(maxsize=None)
 def make_finetune_step(model: UNETR, tx, multilabel: bool):
     """``(state, batch with image and label) -> (state, {"loss"})``: softmax (or, for
-    multi-label tasks, sigmoid) Dice + CE."""
+    multi-label tasks, sigmoid) Dice + CE. One per model, optimizer and task kind in a process,
+    so that every fine-tuning run of table1 reuses one compiled step."""
     mode = "sigmoid" if multilabel else "softmax"
 
     def loss_fn(params, batch):

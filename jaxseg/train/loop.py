@@ -289,24 +289,13 @@ def _disk_faults_named(workdir: Path, ckpt: Checkpointer):
     except UserError:
         raise
     except Exception as e:  # noqa: BLE001
-        fault = disk_fault(e)
-        if fault is None or not _about(e, workdir):  # e.g. a cache file outside the work dir: not ours to name
+        fault = disk_fault(e, workdir)
+        if fault is None:  # not the work dir's disk (a bug, or a cache file elsewhere): not ours to name
             raise
         last = ckpt.latest_step()
         raise UserError(f"{workdir}: {fault} ({type(e).__name__}); the last good checkpoint is "
                         f"{'step ' + str(last) if last is not None else 'none'}. Fix that and rerun the same "
                         f"command to resume") from None
-
-
-def _about(e: BaseException, folder: Path) -> bool:
-    """Whether ``e`` (or what caused it) concerns a path under ``folder``."""
-    folder, seen = str(Path(folder).absolute()), set()
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        if folder in str(Path(getattr(e, "filename", None) or "").absolute()) or folder in str(e):
-            return True
-        e = e.__cause__ or e.__context__
-    return False
 
 
 def _stop_non_finite(name: str, loss: float, step: int, ckpt: Checkpointer):

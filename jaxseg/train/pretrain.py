@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from typing import Any
 
@@ -12,7 +13,7 @@ import jax.numpy as jnp
 
 from jaxseg import losses as L
 from jaxseg.config import Config
-from jaxseg.models.unetr import UNETR, pretraining_stage, trainable_in_stage
+from jaxseg.models.unetr import UNETR, param_shapes, pretraining_stage, trainable_in_stage
 from jaxseg.train.state import TrainState, create_state, make_optimizer, param_labels
 from jaxseg.train.step import make_train_step
 
@@ -70,12 +71,13 @@ class PretrainStep:
     def __init__(self, update, sequential: bool):
         self.update, self.sequential = update, sequential
 
-    def compile(self, state, batch) -> float:
-        """Compile ahead of time (for benchmarks); returns the seconds it took."""
+    def compiled(self, state, batch) -> tuple["PretrainStep", float]:
+        """This step compiled ahead of time for ``state`` and ``batch`` (for benchmarks), and the
+        seconds that took."""
         t0 = time.perf_counter()
         args = (state, batch, jnp.int32(0)) if self.sequential else (state, batch)
-        self.update = self.update.lower(*args).compile()
-        return time.perf_counter() - t0
+        update = self.update.lower(*args).compile()
+        return PretrainStep(update, self.sequential), time.perf_counter() - t0
 
     def __call__(self, state, batch):
         if not self.sequential:
@@ -88,10 +90,12 @@ class PretrainStep:
         return state, {"loss": sum(losses) / 3, **{f"loss_axis{a}": losses[a] for a in range(3)}}
 
 
+@functools.lru_cache(maxsize=None)
 def make_pretrain_step(model: UNETR, tx, spec: PretrainSpec, stage: str, multilabel: bool) -> PretrainStep:
     """The pre-training step for ``stage`` ('encoder': enc4 features, 'decoder': decoder
     outputs). Batches carry ``image``, ``offset_u`` (3, P) and, for a sampled objective,
-    ``triplets`` (3, K, 4) (see ``jaxseg.data.pretrain_dataset``)."""
+    ``triplets`` (3, K, 4) (see ``jaxseg.data.pretrain_dataset``). One per model, optimizer,
+    spec and stage in a process: table1's seeds reuse one compiled step."""
     L.get_objective(spec.objective)  # an unknown name fails here, before any compile
     if spec.axis_mode not in ("sequential", "joint"):
         raise ValueError(f"axis_mode must be 'sequential' or 'joint', got {spec.axis_mode!r}")
@@ -123,6 +127,12 @@ def make_pretrain_step(model: UNETR, tx, spec: PretrainSpec, stage: str, multila
 
 def pretrain_state(model: UNETR, params, cfg: Config, stage: str) -> tuple[TrainState, Any]:
     """Train state and optimizer of ``stage``: AdamW on what the stage trains, the rest frozen."""
-    labels = param_labels(params, trainable_in_stage(stage, model.num_layers, cfg.pretrain.stage2_freeze_encoder))
-    tx = make_optimizer(cfg.lr, cfg.weight_decay, labels)
+    tx = stage_optimizer(model, stage, cfg.pretrain.stage2_freeze_encoder, cfg.lr, cfg.weight_decay)
     return create_state(params, tx), tx
+
+
+@functools.lru_cache(maxsize=None)
+def stage_optimizer(model: UNETR, stage: str, freeze_encoder: bool, lr: float, weight_decay: float):
+    """AdamW on what ``stage`` trains, the rest frozen: one object per setting (steps are cached by it)."""
+    labels = param_labels(param_shapes(model), trainable_in_stage(stage, model.num_layers, freeze_encoder))
+    return make_optimizer(lr, weight_decay, labels)

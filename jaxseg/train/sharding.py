@@ -19,7 +19,18 @@ def data_mesh(devices=None) -> Mesh:
 
 
 def replicate(tree: Any, mesh: Mesh) -> Any:
-    return jax.device_put(tree, NamedSharding(mesh, P()))
+    """``tree`` on every device of ``mesh``. Across hosts each process supplies its own copy (the
+    same on all: settings agree, see ``jaxseg.distributed.agree``), without ``device_put``'s
+    cross-host comparison, which compiles a program per array shape."""
+    sharding = NamedSharding(mesh, P())
+    if jax.process_count() == 1:
+        return jax.device_put(tree, sharding)
+
+    def one(a):
+        a = np.asarray(jax.device_get(a))
+        return jax.make_array_from_callback(a.shape, sharding, lambda index: a[index])
+
+    return jax.tree.map(one, tree)
 
 
 def host_shard() -> tuple[int, int]:

@@ -3,6 +3,7 @@ see ``jaxseg.models.unetr.trainable_in_stage``)."""
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import flax
@@ -29,10 +30,16 @@ def param_labels(params: Any, trainable: Callable[[tuple[str, ...]], bool]) -> A
 def make_optimizer(lr: float = 1e-4, weight_decay: float = 1e-5, labels: Any = None) -> optax.GradientTransformation:
     """AdamW; with ``labels``, leaves labelled 'frozen' get ``set_to_zero`` updates, so neither
     momentum nor weight decay moves them (the authors' frozen weights drifted under AdamW)."""
-    adamw = optax.adamw(lr, weight_decay=weight_decay)
+    adamw = _adamw(lr, weight_decay)
     if labels is None:
         return adamw
     return optax.multi_transform({"train": adamw, "frozen": optax.set_to_zero()}, labels)
+
+
+@functools.lru_cache(maxsize=None)
+def _adamw(lr: float, weight_decay: float) -> optax.GradientTransformation:
+    # One object per setting: train steps built on it are cached by it (one compilation per process).
+    return optax.adamw(lr, weight_decay=weight_decay)
 
 
 def create_state(params: Any, tx: optax.GradientTransformation) -> TrainState:
