@@ -20,7 +20,7 @@ from benchmarks.timing import Results
 from jaxseg.config import PRESETS, get_config
 from jaxseg.models import STAGES, init_params, unetr_from_preset
 from jaxseg.train.finetune import make_finetune_step
-from jaxseg.train.pretrain import PretrainSpec, make_pretrain_step, pretrain_state
+from jaxseg.train.pretrain import make_pretrain_step, pretrain_state
 from jaxseg.train.state import create_state, make_optimizer
 
 FLAGS = flags.FLAGS
@@ -51,7 +51,7 @@ def main(argv):
     pbatch = {"image": image, "offset_u": jnp.asarray(rng.uniform(size=(3, 4)), jnp.float32)}
     for stage in STAGES:
         state, tx = pretrain_state(model, params, cfg, stage)
-        rows[f"pretrain_{stage}"] = make_pretrain_step(model, tx, PretrainSpec.from_config(cfg), stage, False).compiled(state, pbatch)[1]
+        rows[f"pretrain_{stage}"] = make_pretrain_step(model, tx, cfg.pretrain, stage, False).compiled(state, pbatch)[1]
     for name, sec in rows.items():
         results.add({"step": name, "compile_s": sec, "ratio_to_finetune": sec / rows["finetune"]})
         print(f"{name:16s} compile {sec:6.1f} s ({sec / rows['finetune']:.2f}x the fine-tuning step)", flush=True)

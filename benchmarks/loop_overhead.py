@@ -11,8 +11,9 @@ difference of the two wall times over N2 - N1 is the cost of one step in the loo
 setup. The same steps dispatched back to back and synced once give the device's own step time.
 Exposed host time = loop step - device step (median of --repeats).
 
-This script uses only ``run_loop``'s public arguments, so it also runs, copied in, on an older
-checkout (benchmarks/README.md: the loop before and after it stopped waiting for each loss).
+The "before" row of benchmarks/README.md (the loop before it stopped waiting for each loss) was
+measured with this script copied into that older checkout, whose ``run_loop`` took keyword
+arguments; today's takes a ``Run``, a ``DeviceFeed`` and hooks.
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ from absl import app, flags, logging
 
 from benchmarks.timing import machine, setup, write_json
 from jaxseg.data import make_iterator
-from jaxseg.train.loop import converged, run_loop
+from jaxseg.train.hooks import Convergence, converged
+from jaxseg.train.loop import DeviceFeed, Run, run_loop
 from jaxseg.train.sharding import data_mesh, replicate, shard_batch
 from jaxseg.train.state import TrainState
 
@@ -89,10 +91,9 @@ def dataset():
 
 def loop_wall_s(step, state, mesh, n: int, workdir: Path) -> float:
     t0 = time.perf_counter()
-    run_loop(name="bench", workdir=workdir, state=replicate(state, mesh), step_fn=step,
-             data_iter=make_iterator(dataset(), 2), num_steps=n,
-             prepare_batch=functools.partial(shard_batch, mesh=mesh), crops_per_step=2, ckpt_every=10**9,
-             should_stop=lambda h: converged(h, rtol=0.0), progress=False)
+    run_loop(Run("bench", workdir, n, ckpt_every=10**9, crops_per_step=2, progress=False), replicate(state, mesh),
+             step, DeviceFeed(make_iterator(dataset(), 2), functools.partial(shard_batch, mesh=mesh)),
+             [Convergence(lambda h: converged(h, rtol=0.0))])
     return time.perf_counter() - t0
 
 

@@ -19,7 +19,8 @@ from pathlib import Path
 from absl import app, flags
 
 from benchmarks.timing import machine, write_json
-from jaxseg.data import (Cache, FinetuneDataConfig, PretrainDataConfig, finetune_dataset, load_dataset_json,
+from jaxseg.config import Config
+from jaxseg.data import (Cache, finetune_dataset, load_dataset_json,
                          make_iterator, prepare, pretrain_dataset, write_phantom_dataset)
 
 FLAGS = flags.FLAGS
@@ -52,16 +53,16 @@ def main(argv):
     data = write_phantom_dataset(work / "data", "spleen", FLAGS.subjects)
     prepare(load_dataset_json(data), work / "cache", progress=False)
     cache = Cache(work / "cache")
-    pre = PretrainDataConfig(crop_size=FLAGS.crop_size)
-    fin = FinetuneDataConfig(crop_size=FLAGS.crop_size)
+    cfg = Config().replace(crop_size=FLAGS.crop_size)  # the paper's batches: 2 volumes x 2 crops, 1 x 4
+    pre, fin = cfg.pretrain, cfg.finetune
     rows = []
     for threads in map(int, FLAGS.threads):
         for hosts in map(int, FLAGS.hosts):
             shard = (0, hosts)
             for name, make, per_step in (
-                ("pretrain", lambda: pretrain_dataset(cache, cache.training, pre, seed=0, shard=shard),
+                ("pretrain", lambda: pretrain_dataset(cache, cache.training, cfg, seed=0, shard=shard),
                  pre.volumes_per_step * pre.crops_per_volume),
-                ("finetune", lambda: finetune_dataset(cache, cache.training, fin, seed=0, shard=shard),
+                ("finetune", lambda: finetune_dataset(cache, cache.training, cfg, seed=0, shard=shard),
                  fin.volumes_per_step * fin.crops_per_volume),
             ):
                 sec = seconds_per_step(make, threads)

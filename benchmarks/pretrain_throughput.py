@@ -27,12 +27,12 @@ from absl import app, flags
 from benchmarks.timing import (Results, efficiency, jax_peak_mib, machine, monai_unetr, paired_ratio, run_variants,
                                setup, summarize, time_call, torch_device, torch_modes, torch_sync, write_json)
 from jaxseg.config import PRESETS, get_config
-from jaxseg.data import Cache, PretrainDataConfig, load_dataset_json, make_iterator, prepare, pretrain_dataset, \
+from jaxseg.data import Cache, load_dataset_json, make_iterator, prepare, pretrain_dataset, \
     write_phantom_dataset
 from jaxseg.models import STAGES, init_params, unetr_from_preset
 from jaxseg.models.flops import pretrain_step_cost
 from jaxseg.train.loop import converged
-from jaxseg.train.pretrain import PretrainSpec, make_pretrain_step, pretrain_state
+from jaxseg.train.pretrain import make_pretrain_step, pretrain_state
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("mode", "throughput", ["throughput", "convergence"], "what to measure")
@@ -72,10 +72,9 @@ def jax_step(cfg, cache, objective, stage, source, s):
     params = init_params(model)
     c = cfg.replace(objective=objective, crop_size=s)
     state, tx = pretrain_state(model, params, c, stage)
-    step = make_pretrain_step(model, tx, PretrainSpec.from_config(c), stage, multilabel=False)
+    step = make_pretrain_step(model, tx, c.pretrain, stage, multilabel=False)
     # 2 volumes x 2 crops as the paper; triplets for a sampled objective, as a run's pipeline gives
-    dcfg = PretrainDataConfig(crop_size=s, sampled_triplets=c.pretrain_data().sampled_triplets)
-    ds = pretrain_dataset(cache, cache.training, dcfg, seed=0)
+    ds = pretrain_dataset(cache, cache.training, c, seed=0)
     it = make_iterator(ds, 2)
     fixed = jax.device_put({k: jnp.asarray(v) for k, v in ds[0].items()})
 
@@ -182,8 +181,8 @@ def time_to_convergence(cfg, cache):
         res = {"stages": {}}
         for k, stage in enumerate(STAGES):
             state, tx = pretrain_state(model, params, c, stage)
-            step = make_pretrain_step(model, tx, PretrainSpec.from_config(c), stage, False)
-            it = make_iterator(pretrain_dataset(cache, cache.training, PretrainDataConfig(crop_size=c.model.crop_size), seed=k), 2)
+            step = make_pretrain_step(model, tx, c.pretrain, stage, False)
+            it = make_iterator(pretrain_dataset(cache, cache.training, c, seed=k), 2)
             hist, wall, first = [], 0.0, None
             for n in range(FLAGS.max_steps):
                 b = jax.device_put({kk: jnp.asarray(v) for kk, v in next(it).items()})

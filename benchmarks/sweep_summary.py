@@ -12,7 +12,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from jaxseg.protocol import summary_rows
+from jaxseg.report import summary_rows
 
 
 def _mean(xs):

@@ -11,7 +11,8 @@ from experiments import cli
 from experiments.common import FLAGS, config_from_flags, start_process
 from jaxseg.errors import UserError
 from jaxseg.distributed import is_primary
-from jaxseg.protocol import report_markdown, run_table1
+from jaxseg.report import report_markdown
+from jaxseg.table1 import run_table1
 
 flags.DEFINE_list("objectives", ["contrastive", "comparative"], "pre-training objectives to compare")
 flags.DEFINE_list("budgets", ["2"], "label budgets (0: all labelled training cases), run in this order")

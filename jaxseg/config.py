@@ -3,7 +3,7 @@ eval) with named presets. Each setting also has one flat name (``FLAT_NAMES``: t
 in settings.json, what ``Config.replace`` takes).
 
 ``tiny``: tests (32^3 crops, 2-layer ViT); ``small``: the CPU main job (32^3 crops at 3 mm, 4 layers);
-``small_long``: small at 64^3 crops and 1.5 mm (a 4x4x4 token grid; table1 took 72 min on 2 cores);
+``small_long``: small at 64^3 crops and 1.5 mm (a 4x4x4 token grid), fine-tuning stopped on validation;
 ``gpu``: the same protocol at the paper's shapes for one GPU; ``paper``: the paper's sizes (UNETR
 full size, 96^3 spleen crops, P = 4, 10,000 steps, 25,000 fine-tuning steps). Experiments select
 one with ``--config`` and override single settings with flags.
@@ -16,14 +16,16 @@ import types
 
 from jaxseg.errors import UserError
 from jaxseg.losses.objectives import OBJECTIVE_NAMES
+from jaxseg.models.unetr import SIZES
 
 CHOICES = {
-    "model": ("tiny", "small", "paper"),  # UNETR sizes (jaxseg.models.SIZES)
+    "model": tuple(SIZES),  # UNETR sizes
     "dtype": ("float32", "bfloat16"),
     "phantom": ("spleen", "braintumour"),
     "objective": OBJECTIVE_NAMES,  # resolved in one place: jaxseg.losses.get_objective
     "stage2_output": ("probs", "logits"),
     "axis_mode": ("sequential", "joint"),
+    "pretrain_augment": ("per_crop", "per_step", "none"),
 }
 AT_LEAST_ONE = ("crop_size", "phantom_subjects", "data_threads", "sampled_triplets", "volumes_per_step",
                 "crops_per_volume", "stage1_steps", "stage2_steps", "convergence_window", "finetune_steps",
@@ -40,6 +42,7 @@ class ModelConfig:
     size: str = "small"  # UNETR size: tiny | small | paper (jaxseg.models.SIZES)
     crop_size: int = 64
     dtype: str = "float32"  # compute dtype; bfloat16 on accelerators
+    dropout_rate: float = 0.0  # ViT dropout in training steps (MONAI's UNETR default); never in evaluation
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,7 +55,7 @@ class DataConfig:
     test_fraction: float = 0.2
     seed: int = 0  # the phantom dataset and the train / val / test split
     threads: int = 2
-    cache_dir: str = ""  # the preprocessing cache; empty: workdir/cache (one `experiments.prepare --out_dir` made serves)
+    cache_dir: str = ""  # the cache root (one folder per preparation); empty: workdir/cache
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,6 +75,14 @@ class PretrainConfig:
     convergence_window: int = 10
     convergence_rtol: float = 0.01
     min_steps: int = 0  # opt-in warm-up: the convergence rule cannot end a stage before this step
+    # Augmentation of the crops (MONAI's RandFlip per axis / RandRotate90 / RandShiftIntensity).
+    # augment: per_crop (the authors': each crop its own flips and rotation, which reverses the
+    # partition order of some crops against the others of its step), per_step (one draw for all
+    # crops of a step: partition p stays the same anatomy in every crop), none (no flips or rotation)
+    augment: str = "per_crop"
+    flip_prob: float = 0.1
+    rot90_prob: float = 0.1
+    shift_prob: float = 0.5  # intensity shift, per crop in every mode
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,12 +92,18 @@ class FinetuneConfig:
     crops_per_volume: int = 4
     label_budget: int = 0  # 0: all labelled training cases
     eval_every: int = 500
+    pos_fraction: float = 0.5  # crops centred on foreground : background (MONAI's pos=neg=1)
+    patience: int = 0  # early stopping: stop after this many evaluations without a better validation Dice (0: off)
+    flip_prob: float = 0.1  # per axis; >= 0.5 makes a model that predict --tta may average over flips
+    rot90_prob: float = 0.1
+    shift_prob: float = 0.5
 
 
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
     sw_batch_size: int = 4
     overlap: float = 0.25
+    tta: bool = False  # evaluation: the mean over the 8 axis flips (only for models fine-tuned with flips of p >= 0.5)
 
 
 GROUPS = {"model": ModelConfig, "data": DataConfig, "pretrain": PretrainConfig, "finetune": FinetuneConfig,
@@ -97,7 +114,9 @@ GROUPS = {"model": ModelConfig, "data": DataConfig, "pretrain": PretrainConfig, 
 _RENAMED = {("model", "size"): "model", ("data", "dir"): "data_dir", ("data", "seed"): "data_seed",
             ("data", "threads"): "data_threads", ("finetune", "steps"): "finetune_steps",
             ("finetune", "volumes_per_step"): "finetune_volumes_per_step",
-            ("finetune", "crops_per_volume"): "finetune_crops_per_volume"}
+            ("finetune", "crops_per_volume"): "finetune_crops_per_volume",
+            **{(g, f): f"{g}_{f}" for g in ("pretrain", "finetune") for f in ("flip_prob", "rot90_prob", "shift_prob")},
+            ("pretrain", "augment"): "pretrain_augment"}
 FLAT_NAMES: dict[str, tuple[str, str] | tuple[str]] = {
     **{_RENAMED.get((g, f.name), f.name): (g, f.name) for g, cls in GROUPS.items() for f in dataclasses.fields(cls)},
     **{n: (n,) for n in ("seed", "lr", "weight_decay", "ckpt_every")},
@@ -148,26 +167,6 @@ class Config:
         return {k: getattr(getattr(self, p[0]), p[1]) if len(p) == 2 else getattr(self, p[0])
                 for k, p in FLAT_NAMES.items()}
 
-    def pretrain_data(self):
-        """The pre-training input pipeline's settings, derived from this config."""
-        from jaxseg.data import PretrainDataConfig
-
-        from jaxseg.losses import SAMPLED_OBJECTIVES
-
-        p = self.pretrain
-        return PretrainDataConfig(crop_size=self.model.crop_size, volumes_per_step=p.volumes_per_step,
-                                  crops_per_volume=p.crops_per_volume, num_partitions=p.num_partitions,
-                                  shared_offset=p.shared_offset,
-                                  sampled_triplets=p.sampled_triplets if p.objective in SAMPLED_OBJECTIVES else 0)
-
-    def finetune_data(self):
-        """The fine-tuning input pipeline's settings, derived from this config."""
-        from jaxseg.data import FinetuneDataConfig
-
-        f = self.finetune
-        return FinetuneDataConfig(crop_size=self.model.crop_size, volumes_per_step=f.volumes_per_step,
-                                  crops_per_volume=f.crops_per_volume)
-
     def prepare(self):
         """The preprocessing cache's settings."""
         from jaxseg.data import PrepareConfig
@@ -201,8 +200,9 @@ def config_problems(flat: dict) -> list[str]:
     c = types.SimpleNamespace(**flat)
     out = [f"{k} must be one of {', '.join(v)}, got {flat[k]!r}" for k, v in CHOICES.items() if flat[k] not in v]
     out += [f"{k} must be >= 1, got {flat[k]}" for k in AT_LEAST_ONE if flat[k] < 1]
-    if c.crop_size >= 1 and c.crop_size % 16:
-        out.append(f"crop_size must be a multiple of 16 (the ViT patch), got {c.crop_size}")
+    patch = SIZES.get(c.model, {}).get("patch_size", 16)
+    if c.crop_size >= 1 and c.crop_size % patch:
+        out.append(f"crop_size must be a multiple of {patch} (the ViT patch of {c.model}), got {c.crop_size}")
     if c.num_partitions < 2:
         out.append(f"num_partitions must be >= 2, got {c.num_partitions}")
     if c.min_steps < 0:
@@ -218,6 +218,10 @@ def config_problems(flat: dict) -> list[str]:
     for k in ("weight_decay", "convergence_rtol"):
         if not flat[k] >= 0:
             out.append(f"{k} must be >= 0, got {flat[k]}")
+    probs = [k for k in FLAT_NAMES if k.endswith("_prob") or k in ("dropout_rate", "pos_fraction")]
+    out += [f"{k} must be in [0, 1], got {flat[k]}" for k in probs if not 0 <= flat[k] <= 1]
+    if c.patience < 0:
+        out.append(f"patience must be >= 0 (0: no early stopping), got {c.patience}")
     if not 0 <= c.overlap < 1:
         out.append(f"overlap must be in [0, 1), got {c.overlap}")
     if not (0 <= c.val_fraction < 1 and 0 <= c.test_fraction < 1 and c.val_fraction + c.test_fraction < 1):
@@ -236,19 +240,22 @@ PRESETS: dict[str, Config] = {
     # crop of each of 2 volumes: 1/6 of the paper's step cost, so both stages can run until the
     # convergence rule stops them. A warm-up of 100 steps before the rule may stop a stage
     # (min_steps): with the rule alone stage 2 stopped after 13-24 steps at 94-96% of its loss at
-    # chance; with it, at 67-73%, and the best validation Dice of the sweep in README.
-    "small": Config.from_flat(model="small", crop_size=32, target_spacing=3.0, phantom_subjects=20, axis_mode="joint",
+    # chance; with it, at 67-73%, and the best validation Dice of the sweep in README. 32 phantom
+    # subjects: 16 train, 4 validation, 12 test (more test cases for the intervals; each costs ~1 s).
+    "small": Config.from_flat(model="small", crop_size=32, target_spacing=3.0, phantom_subjects=32, val_fraction=0.125,
+                    test_fraction=0.375, axis_mode="joint",
                     volumes_per_step=2, crops_per_volume=1, stage1_steps=500, stage2_steps=300, min_steps=100,
                     finetune_steps=150, finetune_crops_per_volume=2, eval_every=50, ckpt_every=50, lr=1e-3),
     # small at twice the resolution: 64^3 crops at 1.5 mm (the same 96 mm field of view), so
     # the ViT sees a 4x4x4 grid of 64 tokens instead of small's 2x2x2 = 8 and each stage-1
-    # partition is a 2-slice slab of the 8x8x8 enc4 map. Everything else as small. Not a 10-minute
-    # job on 2 cores (72 min); its table is in README ("A real token grid"): 150 fine-tuning
-    # steps are too few at this size.
-    "small_long": Config.from_flat(model="small", crop_size=64, target_spacing=1.5, phantom_subjects=20,
-                         axis_mode="joint", volumes_per_step=2, crops_per_volume=1, stage1_steps=500,
-                         stage2_steps=300, min_steps=100, finetune_steps=150, finetune_crops_per_volume=2,
-                         eval_every=50, ckpt_every=50, lr=1e-3),
+    # partition is a 2-slice slab of the 8x8x8 enc4 map. Not a 10-minute job on 2 cores. At this
+    # size 150 fine-tuning steps were too few (validation Dice 0 at step 50 for every run):
+    # fine-tuning runs up to 600 steps and stops after 3 evaluations (150 steps) without a better
+    # validation Dice.
+    "small_long": Config.from_flat(model="small", crop_size=64, target_spacing=1.5, phantom_subjects=32,
+                         val_fraction=0.125, test_fraction=0.375, axis_mode="joint", volumes_per_step=2,
+                         crops_per_volume=1, stage1_steps=500, stage2_steps=300, min_steps=100, finetune_steps=600,
+                         patience=3, finetune_crops_per_volume=2, eval_every=50, ckpt_every=50, lr=1e-3),
     # The same protocol at the paper's shapes for one H100/H200 (full UNETR, 96^3 crops at 1 mm,
     # which hold the whole phantom as small's 32^3 at 3 mm do; bf16; the paper's sequential axes,
     # batch and learning rate). Sized from estimates of the step times (not yet run on a GPU):

@@ -91,3 +91,32 @@ def plot_loss_curves(panels: Mapping[str, Mapping[str, str | Path]], path: str |
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def plot_label_efficiency(rows, path: str | Path) -> None:
+    """Test Dice against labelled cases (log-spaced x), one line per start (none / each
+    objective) with its 95% interval as error bars, one panel per class; ``rows`` are
+    ``jaxseg.report.summary_rows``'."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    classes = list(rows[0]["dice_ci"])
+    fig, axes = plt.subplots(1, len(classes), figsize=(5 * len(classes), 4), squeeze=False)
+    for ax, cls in zip(axes[0], classes):
+        for i, init in enumerate(dict.fromkeys(r["init"] for r in rows)):
+            pts = sorted((r["labels"], r["dice_ci"][cls]) for r in rows if r["init"] == init)
+            x = [n * (1 + 0.03 * (i - 1)) for n, _ in pts]  # side by side, not on top of each other
+            y = [c["mean"] for _, c in pts]
+            err = [[c["mean"] - c["low"] for _, c in pts], [c["high"] - c["mean"] for _, c in pts]]
+            ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=init)
+        seeds, cases = rows[0]["dice_ci"][cls]["seeds"], rows[0]["dice_ci"][cls]["cases"]
+        ax.set(xscale="log", xlabel="labelled training cases", ylabel=f"test Dice ({cls})",
+               title=f"{cls}: 95% CI over {seeds} seeds × {cases} test cases")
+        ax.set_xticks(sorted({r["labels"] for r in rows}))
+        ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

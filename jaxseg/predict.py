@@ -51,7 +51,10 @@ def model_card(cfg, cache) -> dict:
             "out_channels": task.num_classes, **task.card(),
             "target_spacing": list(cache.index["target_spacing"]), "is_ct": bool(cache.index.get("is_ct")),
             "ct_range": list(prep.get("ct_range", (-175.0, 250.0))), "overlap": cfg.eval.overlap,
-            "sw_batch_size": cfg.eval.sw_batch_size, "train_flip_prob": cfg.finetune_data().flip_prob}
+            "sw_batch_size": cfg.eval.sw_batch_size, "train_flip_prob": cfg.finetune.flip_prob,
+            "dropout_rate": cfg.model.dropout_rate,
+            "augmentation": {k: v for k, v in cfg.flat().items() if k.startswith(("pretrain_", "finetune_"))
+                             and k.endswith(("_prob", "_augment"))}}
 
 
 # The settings (flat config names) a trained model fixes: its network and the grid it was trained on.
@@ -98,15 +101,18 @@ def load_model(run: str | Path, dtype: str | None = None, allow_unverified: bool
 TTA_MIN_FLIP_PROB = 0.5  # flipped views are in distribution only for a model trained on them this often
 
 
-def check_flip_tta(prep: Preprocessing) -> None:
-    """Refuse flip test-time augmentation for a model not trained to be flip-invariant: a run of
-    the main job (flips p = 0.1 per axis) averaged into an EMPTY segmentation where the plain
-    prediction found the spleen, since 7 of the 8 flipped views are out of its distribution."""
-    p = prep.train_flip_prob
+def check_flip_tta(train_flip_prob: float | None) -> None:
+    """Refuse flip test-time augmentation for a model not trained to be flip-invariant (flips of
+    p < 0.5 per axis; None: not recorded, an older model trained at 0.1): a run of the main job
+    (p = 0.1) averaged into an EMPTY segmentation where the plain prediction found the spleen,
+    since 7 of the 8 flipped views are out of its distribution. ``--finetune_flip_prob=0.5``
+    trains a model that may use it (nnU-Net's mirroring)."""
+    p = train_flip_prob
     if p is None or p < TTA_MIN_FLIP_PROB:
         raise UserError(f"--tta averages the 8 flips of the scan, but this model was trained with flips of "
                         f"p = {p if p is not None else 0.1} per axis, so flipped views are out of its distribution "
-                        f"(on the main job's model they gave an empty segmentation); predict without --tta")
+                        f"(on the main job's model they gave an empty segmentation); predict without --tta, or "
+                        f"fine-tune with --finetune_flip_prob=0.5")
 
 
 def model_predictor(model, params, prep: Preprocessing, flip_tta: bool = False) -> Callable[[np.ndarray], np.ndarray]:
@@ -114,7 +120,7 @@ def model_predictor(model, params, prep: Preprocessing, flip_tta: bool = False) 
     (``jaxseg.inference.make_predictor`` with the run's own window settings); ``flip_tta`` only
     for a model trained with flips of p >= 0.5 (``check_flip_tta``)."""
     if flip_tta:
-        check_flip_tta(prep)
+        check_flip_tta(prep.train_flip_prob)
     return functools.partial(make_predictor(model, prep.task, prep.roi, prep.sw_batch_size, prep.overlap, flip_tta),
                              params)
 

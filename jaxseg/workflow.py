@@ -1,6 +1,8 @@
 """Whole jobs, wired data -> model -> train -> evaluate: data prepared once per work dir, staged
 pre-training, fine-tuning, evaluation. The entry points and table1 call these; ``jaxseg.train``
-itself only trains."""
+itself only trains. Every job has one skeleton: ``Job.prepare`` (refuse an output folder of other
+settings, get the data, make the model, load input weights: nothing written yet), the job's own
+checks, ``Job.claim`` (the output folder records the settings), then its work."""
 
 from __future__ import annotations
 
@@ -9,17 +11,17 @@ import functools
 import json
 import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 from jaxseg.config import Config, job_settings
-from jaxseg.data import (Cache, Task, finetune_dataset, label_budget, load_dataset_json, make_iterator, prepare,
+from jaxseg.data import (Cache, Task, finetune_dataset, labelled_subset, load_dataset_json, make_iterator,
                          pretrain_dataset, split_cases, write_phantom_dataset)
 from jaxseg.data.cache import INDEX, prepared_cache
 from jaxseg.errors import UserError
-from jaxseg.predict import MODEL_CARD, model_card
+from jaxseg.predict import MODEL_CARD, card_beside, check_flip_tta, model_card
 from jaxseg.probe import representation_probe
 from jaxseg.distributed import agree, barrier, is_primary, local_copy, share, sole_writer
 from jaxseg.io import atomic_write_text, file_digest, load_weights, save_weights
@@ -34,8 +36,9 @@ from jaxseg.models.unetr import STAGES, UNETR
 from jaxseg.train.best import BestModel
 from jaxseg.train.checkpoint import check_workdir
 from jaxseg.train.finetune import make_finetune_step
-from jaxseg.train.loop import converged, run_loop
-from jaxseg.train.pretrain import PretrainSpec, make_pretrain_step, pretrain_state
+from jaxseg.train.hooks import Convergence, Evaluate, Evaluation, Facts, KeepBest, converged
+from jaxseg.train.loop import DeviceFeed, Run, run_loop
+from jaxseg.train.pretrain import make_pretrain_step, pretrain_state
 from jaxseg.train.sharding import data_mesh, host_shard, replicate, shard_batch
 from jaxseg.train.state import create_state, make_optimizer
 
@@ -75,24 +78,7 @@ def ensure_data(cfg: Config, workdir: Path, progress: bool = True) -> Data:
 def make_model(cfg: Config, task: Task) -> UNETR:
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[cfg.model.dtype]
     return unetr_from_preset(cfg.model.size, in_channels=task.in_channels, out_channels=task.num_classes,
-                             img_size=cfg.model.crop_size, dtype=dtype)
-
-
-@dataclasses.dataclass(frozen=True)
-class Job:
-    """One job, as ``start_job`` sets it up: its data, its claimed output folder, its model."""
-
-    root: Path  # the work dir: phantom data, split.json, the default cache
-    cache: Cache
-    split: dict[str, list[str]]  # train / val / test case ids
-    task: Task  # the cache's, computed once
-    out: Path  # the output folder, claimed for this job's settings
-    model: UNETR
-    params: Any  # random init, or the input weights file's
-
-    def predictor(self, cfg: Config):
-        """``predict(params, image) -> probabilities``, one compilation for every case and round."""
-        return make_predictor(self.model, self.task, cfg.model.crop_size, cfg.eval.sw_batch_size, cfg.eval.overlap)
+                             img_size=cfg.model.crop_size, dtype=dtype, dropout_rate=cfg.model.dropout_rate)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,72 +90,102 @@ class InputWeights:
     allow_unverified: bool = False  # a file without a checksum loads only when the user says so
 
 
-def start_job(cfg: Config, workdir: str | Path, out_name: str, settings: dict, *, progress: bool = True,
-              overwrite: bool = False, data: Data | None = None, weights: InputWeights | None = None,
-              check: Callable[[Data], None] | None = None) -> Job:
-    """Set up one job whose results depend on ``settings`` (``job_settings``, plus anything
-    else that names them): refuse an output folder made with other settings before any data is
-    (re)prepared; get the data (``data``: ``ensure_data``'s result when the caller has it);
-    ``check`` it; load the input ``weights``, verified before the output folder is claimed,
-    which records the settings, the cache's digest and the input file's."""
-    root = check_workdir(workdir)
-    name, path = (weights.setting, weights.path) if weights else (None, None)
-    inputs = {} if name is None else {name: None if path is None else {"path": str(Path(path).absolute())}}
-    precheck_output_dir(root / out_name, {**settings, **inputs}, overwrite, ignore=("data", *inputs))
-    cache, split = data if data is not None else ensure_data(cfg, root, progress)
-    if check is not None:
-        check((cache, split))
-    task = cache.task
-    model = make_model(cfg, task)
-    if path is None:
-        params = models.init_params(model, cfg.seed)
-    else:  # loaded into the model's shapes: no init to compile or run
-        params = load_weights(path, models.param_shapes(model), weights.allow_unverified)
-        inputs[name]["sha256"] = file_digest(path)
-    out = claim_output_dir(root / out_name, {**settings, "data": file_digest(Path(cache.root) / "cache.json"),
-                                             **inputs}, overwrite)
-    return Job(root, cache, split, task, check_workdir(out), model, params)
+@dataclasses.dataclass(frozen=True)
+class Job:
+    """One job: its config, data, model and input parameters, and the output folder it writes
+    (``out``), whose settings record (``settings``) ``claim`` writes."""
+
+    cfg: Config
+    root: Path  # the work dir: phantom data, split.json, the default cache root
+    cache: Cache
+    split: dict[str, list[str]]  # train / val / test case ids
+    task: Task  # the cache's, computed once
+    model: UNETR
+    params: Any  # random init, or the input weights file's
+    out: Path  # the output folder
+    settings: dict  # what its results depend on: the job's settings, the data's digest, input files' digests
+
+    @classmethod
+    def prepare(cls, cfg: Config, workdir: str | Path, out_name: str, kind: str, *, extra: dict | None = None,
+                progress: bool = True, overwrite: bool = False, data: Data | None = None,
+                weights: InputWeights | None = None) -> "Job":
+        """Refuse an output folder made with other settings (``job_settings(cfg, kind)`` and
+        ``extra``) before any data is (re)prepared; get the data (``data``: ``ensure_data``'s
+        result when the caller has it); make the model; load and verify the input ``weights``.
+        Nothing is written in the output folder yet."""
+        root = check_workdir(workdir)
+        settings = {**job_settings(cfg, kind), **(extra or {})}
+        name, path = (weights.setting, weights.path) if weights else (None, None)
+        inputs = {} if name is None else {name: None if path is None else {"path": str(Path(path).absolute())}}
+        precheck_output_dir(root / out_name, {**settings, **inputs}, overwrite, ignore=("data", *inputs))
+        cache, split = data if data is not None else ensure_data(cfg, root, progress)
+        model = make_model(cfg, cache.task)
+        if path is None:
+            params = models.init_params(model, cfg.seed)
+        else:  # loaded into the model's shapes: no init to compile or run
+            params = load_weights(path, models.param_shapes(model), weights.allow_unverified)
+            inputs[name]["sha256"] = file_digest(path)
+        settings = {**settings, "data": file_digest(Path(cache.root) / INDEX), **inputs}
+        return cls(cfg, root, cache, split, cache.task, model, params, root / out_name, settings)
+
+    def claim(self, overwrite: bool = False, card: bool = False) -> "Job":
+        """Make ``out`` the home of these settings (resume one made with the same; refuse one made
+        with others unless ``overwrite``); ``card``: write ``model.json``, what
+        ``jaxseg.predict.load_model`` needs beside a trained run's weights."""
+        out = check_workdir(claim_output_dir(self.out, self.settings, overwrite))
+        if card and is_primary():
+            atomic_write_text(out / MODEL_CARD, json.dumps(model_card(self.cfg, self.cache), indent=1))
+        return dataclasses.replace(self, out=out)
+
+    def predictor(self, tta: bool = False):
+        """``predict(params, image) -> probabilities``, one compilation for every case and round;
+        ``tta``: the mean over the 8 axis flips."""
+        e = self.cfg.eval
+        return make_predictor(self.model, self.task, self.cfg.model.crop_size, e.sw_batch_size, e.overlap, tta)
+
+    def feed(self, dataset) -> DeviceFeed:
+        """``dataset``'s batches on this job's devices (all hosts' rows as one global batch)."""
+        return DeviceFeed(make_iterator(dataset, self.cfg.data.threads),
+                          functools.partial(shard_batch, mesh=data_mesh()))
 
 
-def _write_model_card(job: Job, cfg: Config) -> None:
-    """What ``jaxseg.predict.load_model`` needs beside a trained run's weights."""
-    if is_primary():
-        atomic_write_text(job.out / MODEL_CARD, json.dumps(model_card(cfg, job.cache), indent=1))
+def check_label_budget(n: int, train_ids: list[str]) -> None:
+    """A label budget the training split can meet (0: all)."""
+    if n > len(train_ids):
+        raise UserError(f"label_budget {n} exceeds the {len(train_ids)} labelled training cases; use "
+                        f"1..{len(train_ids)} (0: all)")
 
 
 def run_pretraining(cfg: Config, workdir: str | Path, out_name: str = "pretrain",
                     progress: bool = True, overwrite: bool = False, data: Data | None = None) -> tuple[Any, dict]:
-    """Stage 1 'encoder' (enc4 features) then stage 2 'decoder' (decoder outputs), each until convergence or its step
-    limit, resuming if a run was interrupted. Data and cache live in ``workdir``; outputs in
-    ``workdir/out_name``: ``params.msgpack``, per-stage metrics and summaries,
-    ``pretrain_loss.png``, and in the summary a linear probe of the enc4 features at random
-    init and after each stage (``jaxseg.probe``). Returns (params, summary)."""
+    """Stage 1 'encoder' (enc4 features) then stage 2 'decoder' (decoder outputs), each until
+    convergence or its step limit, resuming if a run was interrupted. Data and cache live in
+    ``workdir``; outputs in ``workdir/out_name``: ``params.msgpack``, per-stage metrics and
+    summaries, ``pretrain_loss.png``, and in the summary a linear probe of the enc4 features at
+    random init and after each stage (``jaxseg.probe``). Returns (params, summary)."""
     with sole_writer(Path(workdir) / out_name):
-        job = start_job(cfg, workdir, out_name, job_settings(cfg, "pretrain"), progress=progress, overwrite=overwrite,
-                        data=data)
-        _write_model_card(job, cfg)
-        mesh, params, split = data_mesh(), job.params, job.split
-        dcfg, p, spec = cfg.pretrain_data(), cfg.pretrain, PretrainSpec.from_config(cfg)
+        job = Job.prepare(cfg, workdir, out_name, "pretrain", progress=progress, overwrite=overwrite,
+                          data=data).claim(overwrite, card=True)
+        p, params, mesh = cfg.pretrain, job.params, data_mesh()
         encode = jax.jit(functools.partial(job.model.apply, method=UNETR.encode))
 
         def probe(params):  # the same crops of the same volumes for every model compared
-            return representation_probe(lambda x: encode(params, x), job.cache, split["train"],
-                                        split["val"] + split["test"], cfg.model.crop_size, p.num_partitions,
+            return representation_probe(lambda x: encode(params, x), job.cache, job.split["train"],
+                                        job.split["val"] + job.split["test"], cfg.model.crop_size, p.num_partitions,
                                         seed=cfg.data.seed)
 
         probes = {"random_init": probe(params)}
         summaries = {}
         for stage_idx, (stage, steps) in enumerate(zip(STAGES, (p.stage1_steps, p.stage2_steps))):
             state, tx = pretrain_state(job.model, params, cfg, stage)
-            ds = pretrain_dataset(job.cache, split["train"], dcfg, seed=cfg.seed * 1000 + stage_idx, shard=host_shard())
-            state, summary = run_loop(
-                name=f"pretrain_{stage}", workdir=job.out / stage, state=replicate(state, mesh),
-                step_fn=make_pretrain_step(job.model, tx, spec, stage, job.task.multilabel),
-                data_iter=make_iterator(ds, cfg.data.threads), num_steps=steps,
-                prepare_batch=functools.partial(shard_batch, mesh=mesh),
-                crops_per_step=p.volumes_per_step * p.crops_per_volume, ckpt_every=cfg.ckpt_every,
-                should_stop=functools.partial(converged, window=p.convergence_window, rtol=p.convergence_rtol),
-                min_steps=p.min_steps, progress=progress, learning_rate=cfg.lr)
+            ds = pretrain_dataset(job.cache, job.split["train"], cfg, seed=cfg.seed * 1000 + stage_idx,
+                                  shard=host_shard())
+            run = Run(f"pretrain_{stage}", job.out / stage, steps, cfg.ckpt_every,
+                      p.volumes_per_step * p.crops_per_volume, progress, cfg.lr)
+            rule = functools.partial(converged, window=p.convergence_window, rtol=p.convergence_rtol)
+            state, summary = run_loop(run, replicate(state, mesh),
+                                      make_pretrain_step(job.model, tx, p, stage, job.task.multilabel),
+                                      job.feed(ds), [Convergence(rule, p.min_steps)])
             params = state.params
             summaries[stage] = summary = _against_chance(summary, cfg, stage)
             probes[stage] = probe(params)
@@ -200,50 +216,38 @@ def _against_chance(summary: dict, cfg: Config, stage: str) -> dict:
     return {**summary, **report}
 
 
-def _check_label_budget(n: int, data: Data) -> None:
-    train = data[1]["train"]
-    if n > len(train):
-        raise UserError(f"label_budget {n} exceeds the {len(train)} labelled training cases; use 1..{len(train)} "
-                        f"(0: all)")
-
-
 def run_finetuning(cfg: Config, workdir: str | Path, init: str | Path | None = None,
                    out_name: str = "finetune", progress: bool = True, overwrite: bool = False,
                    data: Data | None = None, allow_unverified_weights: bool = False) -> tuple[Any, dict]:
     """Dice+CE fine-tuning from random init or ``init`` (a params.msgpack), on the first
     ``cfg.finetune.label_budget`` labelled training cases (all when 0); validation Dice every
     ``cfg.finetune.eval_every`` steps keeps the best parameters in ``best.msgpack`` (never the test
-    set). Data in ``workdir``, outputs in ``workdir/out_name``. Returns (best params, summary)."""
+    set), and with ``cfg.finetune.patience`` stops once that many evaluations bring no better
+    one. Data in ``workdir``, outputs in ``workdir/out_name``. Returns (best params, summary)."""
     with sole_writer(Path(workdir) / out_name):
-        job = start_job(cfg, workdir, out_name, job_settings(cfg, "finetune"), progress=progress, overwrite=overwrite,
-                        data=data, weights=InputWeights("init", init or None, allow_unverified_weights),
-                        check=functools.partial(_check_label_budget, cfg.finetune.label_budget))
-        _write_model_card(job, cfg)
-        mesh, f, val = data_mesh(), cfg.finetune, job.split["val"]
-        ids = label_budget(job.split["train"], f.label_budget or None, cfg.seed)
+        job = Job.prepare(cfg, workdir, out_name, "finetune", progress=progress, overwrite=overwrite, data=data,
+                          weights=InputWeights("init", init or None, allow_unverified_weights))
+        check_label_budget(cfg.finetune.label_budget, job.split["train"])
+        job = job.claim(overwrite, card=True)
+        f, val = cfg.finetune, job.split["val"]
+        ids = labelled_subset(job.split["train"], f.label_budget or None, cfg.seed)
         tx = make_optimizer(cfg.lr, cfg.weight_decay)
-        state = replicate(create_state(job.params, tx), mesh)
-        best, predict = BestModel(job.out), job.predictor(cfg)
+        best, predict = BestModel(job.out), job.predictor()
 
-        def evaluate(state, step):
+        def evaluate(state, step) -> Evaluation:
             d, rgb = validation_dice(functools.partial(predict, local_copy(state.params)), job.cache, val,
                                      figure=is_primary())
-            best.offer(d, step, state.params)
-            return {"val_dice": d, "images": {} if rgb is None else {"validation/overlay": rgb}}
+            return Evaluation({"val_dice": d}, {} if rgb is None else {"validation/overlay": rgb})
 
-        ds = finetune_dataset(job.cache, ids, cfg.finetune_data(), seed=cfg.seed, shard=host_shard())
-        state, summary = run_loop(
-            name="finetune", workdir=job.out, state=state,
-            step_fn=make_finetune_step(job.model, tx, job.task.multilabel),
-            data_iter=make_iterator(ds, cfg.data.threads), num_steps=f.steps,
-            prepare_batch=functools.partial(shard_batch, mesh=mesh),
-            crops_per_step=f.volumes_per_step * f.crops_per_volume, ckpt_every=cfg.ckpt_every,
-            evaluate=evaluate if val else None, eval_every=f.eval_every, progress=progress, learning_rate=cfg.lr)
-        summary.update(best=best.best, label_cases=ids)
+        hooks = [*([Evaluate(evaluate, f.eval_every, f.steps)] if val else []),
+                 KeepBest(best, "val_dice", f.patience, f.eval_every), Facts(label_cases=ids)]
+        ds = finetune_dataset(job.cache, ids, cfg, seed=cfg.seed, shard=host_shard())
+        run = Run("finetune", job.out, f.steps, cfg.ckpt_every, f.volumes_per_step * f.crops_per_volume, progress,
+                  cfg.lr)
+        state, summary = run_loop(run, replicate(create_state(job.params, tx), data_mesh()),
+                                  make_finetune_step(job.model, tx, job.task.multilabel), job.feed(ds), hooks)
         best.finish(state.params)
-        if is_primary():
-            atomic_write_text(job.out / "finetune_summary.json", json.dumps(summary, indent=1))
-        barrier("finetune done")
+        barrier("finetune done")  # best.msgpack is on disk before any process reads it
         return best.load(state.params), summary
 
 
@@ -252,8 +256,11 @@ def run_evaluation(cfg: Config, workdir: str | Path, params_path: str | Path, ou
                    data: Data | None = None, allow_unverified_weights: bool = False) -> dict:
     """Evaluate ``params_path`` on the held-out ``split_name`` cases of ``workdir``'s data."""
     with sole_writer(Path(workdir) / out_name):
-        job = start_job(cfg, workdir, out_name, {**job_settings(cfg, "evaluate"), "split": split_name},
-                        progress=progress, overwrite=overwrite, data=data,
-                        weights=InputWeights("params", params_path, allow_unverified_weights))
-        return evaluate_cases(functools.partial(job.predictor(cfg), job.params), job.cache, job.split[split_name],
-                              job.out, progress=progress)
+        job = Job.prepare(cfg, workdir, out_name, "evaluate", extra={"split": split_name}, progress=progress,
+                          overwrite=overwrite, data=data,
+                          weights=InputWeights("params", params_path, allow_unverified_weights))
+        if cfg.eval.tta:  # what the model was fine-tuned with: its card, else this config
+            check_flip_tta((card_beside(params_path) or {}).get("train_flip_prob", cfg.finetune.flip_prob))
+        job = job.claim(overwrite)
+        return evaluate_cases(functools.partial(job.predictor(cfg.eval.tta), job.params), job.cache,
+                              job.split[split_name], job.out, progress=progress)

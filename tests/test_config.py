@@ -32,12 +32,19 @@ def test_replace_by_flat_name_touches_one_group():
         cfg.replace(crop_size=40)
 
 
-def test_data_configs_are_derived_and_settings_keep_flat_names():
+def test_every_setting_has_one_home_and_one_flat_name():
     cfg = PRESETS["small"]
-    pre, ft, prep = cfg.pretrain_data(), cfg.finetune_data(), cfg.prepare()
-    assert (pre.crop_size, pre.volumes_per_step, pre.crops_per_volume, pre.num_partitions) == (32, 2, 1, 4)
-    assert (ft.crop_size, ft.volumes_per_step, ft.crops_per_volume) == (32, 1, 2)
-    assert prep.target_spacing == (3.0, 3.0, 3.0)
+    assert (cfg.model.crop_size, cfg.pretrain.volumes_per_step, cfg.pretrain.crops_per_volume) == (32, 2, 1)
+    assert cfg.prepare().target_spacing == cfg.data.target_spacing == (3.0, 3.0, 3.0)
+    aug = cfg.replace(pretrain_flip_prob=0.3, finetune_flip_prob=0.5, pretrain_augment="per_step", patience=3,
+                      dropout_rate=0.1, pos_fraction=0.7)
+    assert (aug.pretrain.flip_prob, aug.finetune.flip_prob, aug.pretrain.augment) == (0.3, 0.5, "per_step")
+    assert (aug.finetune.patience, aug.model.dropout_rate, aug.finetune.pos_fraction) == (3, 0.1, 0.7)
+    assert len(set(FLAT_NAMES.values())) == len(FLAT_NAMES)  # one flat name per field
+    for bad in (dict(pretrain_flip_prob=1.5), dict(dropout_rate=-0.1), dict(patience=-1),
+                dict(pretrain_augment="sometimes")):
+        with pytest.raises(UserError):
+            cfg.replace(**bad)
     s = job_settings(cfg, "finetune")
     assert s["finetune_steps"] == 150 and s["model"] == "small" and "objective" not in s  # as before nesting
 
@@ -64,7 +71,9 @@ def test_small_long_preset_gives_the_vit_a_real_token_grid():
 
     long, small = PRESETS["small_long"], PRESETS["small"]
     assert long.model.crop_size * long.data.target_spacing[0] == small.model.crop_size * small.data.target_spacing[0]
-    assert long.replace(crop_size=32, target_spacing=3.0) == small  # nothing else differs
+    # nothing else differs but how long fine-tuning may run (stopped on validation Dice)
+    assert long.replace(crop_size=32, target_spacing=3.0, finetune_steps=150, patience=0) == small
+    assert (long.finetune.steps, long.finetune.patience) == (600, 3)
     for cfg, tokens, enc4 in ((long, 4, 8), (small, 2, 4)):
         model = unetr_from_preset(cfg.model.size, in_channels=1, out_channels=2, img_size=cfg.model.crop_size)
         x = jax.ShapeDtypeStruct((1, *(cfg.model.crop_size,) * 3, 1), jnp.float32)

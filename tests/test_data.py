@@ -10,8 +10,9 @@ import pytest
 
 from jaxseg.errors import UserError
 
-from jaxseg.data import (Cache, DataValidationError, FinetuneDataConfig, PretrainDataConfig, finetune_dataset,
-                         label_budget, load_dataset_json, make_iterator, prepare, pretrain_dataset, split_cases,
+from jaxseg.config import Config
+from jaxseg.data import (Cache, DataValidationError, finetune_dataset,
+                         labelled_subset, load_dataset_json, make_iterator, prepare, pretrain_dataset, split_cases,
                          write_phantom_dataset)
 from jaxseg.data import cache as cache_mod
 from jaxseg.data.msd import load_nifti
@@ -257,7 +258,7 @@ def test_phantom_same_partition_slices_are_more_similar(tmp_path, kind):
 
 
 def test_pretrain_pipeline_shapes_determinism_and_resume(spleen_cache):
-    cfg = PretrainDataConfig(crop_size=32)
+    cfg = Config().replace(crop_size=32)
     ds = pretrain_dataset(spleen_cache, spleen_cache.training, cfg, seed=7)
     e = ds[3]
     assert e["image"].shape == (4, 32, 32, 32, 1) and e["offset_u"].shape == (3, 4)
@@ -265,7 +266,7 @@ def test_pretrain_pipeline_shapes_determinism_and_resume(spleen_cache):
     assert "triplets" not in e  # only a sampled objective's pipeline draws them
     again = pretrain_dataset(spleen_cache, spleen_cache.training, cfg, seed=7)[3]
     np.testing.assert_array_equal(again["image"], e["image"])
-    sampled = pretrain_dataset(spleen_cache, spleen_cache.training, PretrainDataConfig(crop_size=32, sampled_triplets=8),
+    sampled = pretrain_dataset(spleen_cache, spleen_cache.training, cfg.replace(objective="comparative_sampled", sampled_triplets=8),
                                seed=7)
     t = sampled[3]["triplets"]
     assert t.shape == (3, 8, 4) and t.dtype == np.int32 and (t[..., 0] != t[..., 1]).all() and (t[..., 2] != t[..., 3]).all()
@@ -285,13 +286,13 @@ def test_pretrain_pipeline_shapes_determinism_and_resume(spleen_cache):
 
 def test_finetune_pipeline_balanced_crops_and_epochs(spleen_cache):
     ids = spleen_cache.training[:3]
-    cfg = FinetuneDataConfig(crop_size=24, crops_per_volume=4, flip_prob=0, rot90_prob=0)
+    cfg = Config().replace(crop_size=16, finetune_crops_per_volume=4, finetune_flip_prob=0, finetune_rot90_prob=0)
     ds = finetune_dataset(spleen_cache, ids, cfg, seed=1)
     e = ds[0]
-    assert e["image"].shape == (4, 24, 24, 24, 1) and e["label"].shape == (4, 24, 24, 24)
+    assert e["image"].shape == (4, 16, 16, 16, 1) and e["label"].shape == (4, 16, 16, 16)
     has_fg = np.mean([(lab > 0).any() for k in range(20) for lab in ds[k]["label"]])
     assert has_fg >= 0.5  # at least the positive half of the crops holds foreground
-    pos_only = finetune_dataset(spleen_cache, ids, FinetuneDataConfig(crop_size=24, pos_fraction=1.0), seed=1)
+    pos_only = finetune_dataset(spleen_cache, ids, cfg.replace(pos_fraction=1.0), seed=1)
     assert all((lab > 0).any() for k in range(10) for lab in pos_only[k]["label"])
     it = make_iterator(ds, num_threads=2)
     s0 = [next(it)["image"] for _ in range(2)]
@@ -310,10 +311,10 @@ def test_per_host_rows_concatenate_to_the_single_process_batch(spleen_cache, kin
     """Each of M hosts makes only its own rows of step k's global batch, and the rows of hosts
     0..M-1 concatenated are the batch one process makes; per-step arrays are the same everywhere."""
     if kind == "pretrain":
-        cfg = PretrainDataConfig(crop_size=24, volumes_per_step=2, crops_per_volume=2)
+        cfg = Config().replace(crop_size=16, volumes_per_step=2, crops_per_volume=2)
         make = lambda shard: pretrain_dataset(spleen_cache, spleen_cache.training, cfg, seed=5, shard=shard)
     else:
-        cfg = FinetuneDataConfig(crop_size=24, volumes_per_step=2, crops_per_volume=2)
+        cfg = Config().replace(crop_size=16, finetune_volumes_per_step=2, finetune_crops_per_volume=2)
         make = lambda shard: finetune_dataset(spleen_cache, spleen_cache.training, cfg, seed=5, shard=shard)
     whole = make((0, 1))
     for m in (2, 4):
@@ -331,14 +332,14 @@ def test_per_host_rows_concatenate_to_the_single_process_batch(spleen_cache, kin
         make((0, 3))
 
 
-def test_splits_and_label_budget():
+def test_splits_and_labelled_subset():
     ids = [f"c{i:02d}" for i in range(20)]
     s = split_cases(ids, 0.2, 0.2, seed=0)
     assert len(s["test"]) == 4 and len(s["val"]) == 4 and len(s["train"]) == 12
     assert not set(s["test"]) & set(s["train"]) and not set(s["val"]) & set(s["train"])
     assert split_cases(ids, 0.2, 0.2, seed=0) == s
-    b2, b5 = label_budget(s["train"], 2, seed=0), label_budget(s["train"], 5, seed=0)
-    assert b5[:2] == b2 and len(label_budget(s["train"], None, seed=0)) == 12
+    b2, b5 = labelled_subset(s["train"], 2, seed=0), labelled_subset(s["train"], 5, seed=0)
+    assert b5[:2] == b2 and len(labelled_subset(s["train"], None, seed=0)) == 12
 
 
 def test_duplicate_case_ids_are_refused_naming_dataset_json(tmp_path):
@@ -348,3 +349,41 @@ def test_duplicate_case_ids_are_refused_naming_dataset_json(tmp_path):
     (tmp_path / "dataset.json").write_text(json.dumps(meta))
     with pytest.raises(DataValidationError, match=r"dataset.json: duplicate case ids \['a'\]"):
         load_dataset_json(tmp_path)
+
+
+def test_pretraining_augmentation_modes(spleen_cache, monkeypatch):
+    """per_crop keeps the stream of before (each crop its own draws, as the authors'); per_step
+    gives every crop of a step the same flips and rotation, so partition p is the same anatomy in
+    all of them; none flips and rotates nothing. Intensity shifts stay per crop."""
+    from jaxseg.data import augment as aug
+    from jaxseg.data import pipelines
+
+    cfg = Config().replace(crop_size=16, pretrain_flip_prob=0.5, pretrain_rot90_prob=0.5)
+    seen = []
+    real_apply = aug.apply
+    monkeypatch.setattr(pipelines, "apply", lambda t, *a: (seen.append(t), real_apply(t, *a))[1])
+    per_step = []
+    for mode in ("per_crop", "per_step", "none"):
+        ds = pretrain_dataset(spleen_cache, spleen_cache.training, cfg.replace(pretrain_augment=mode), seed=3)
+        seen.clear()
+        for k in range(12):
+            ds[k]
+        steps = [seen[i:i + 4] for i in range(0, len(seen), 4)]  # 2 volumes x 2 crops per step
+        spatial = [{(t.flips, t.quarter_turns) for t in s} for s in steps]
+        if mode == "per_crop":
+            assert any(len(s) > 1 for s in spatial)
+            e = ds[3]  # the stream of before: crop, then augment(rng, ...) per row, in this order
+            step = np.random.default_rng([3, 3])
+            chosen = step.choice(len(spleen_cache.training), size=2, replace=False)
+            for r in range(4):
+                rng = np.random.default_rng([3, 3, 1 + r])
+                img = spleen_cache.image(spleen_cache.training[chosen[r // 2]])
+                c = aug.crop_at(img, aug.random_start(rng, img.shape[:3], (16,) * 3), (16,) * 3)
+                want = aug.augment(rng, c, flip_prob=0.5, rot90_prob=0.5, shift_prob=0.5)[0]
+                np.testing.assert_array_equal(e["image"][r], want)
+        elif mode == "per_step":
+            assert all(len(s) == 1 for s in spatial) and len({frozenset(s) for s in spatial}) > 1
+            per_step = steps
+        else:
+            assert spatial == [{((False, False, False), 0)}] * 12
+    assert len({t.offset for s in per_step for t in s}) > 1  # shifts still drawn per crop

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from jaxseg.probe import collapse_stats, partition_labels, pooled_slices, representation_probe, probe_accuracy
-from jaxseg.protocol import summary_rows
+from jaxseg.report import summary_rows
 from jaxseg.stats import bootstrap_ci, crossed_bootstrap_ci, mean_sd
 
 
@@ -129,3 +129,20 @@ def test_summary_rows_pair_by_seed_and_case():
     paired = rows["comparative"]["paired_dice"]["spleen"]
     assert paired["n"] == 6 and paired["mean"] == pytest.approx(np.mean(diffs)) and paired["low"] <= paired["high"]
     assert rows["none"]["paired_dice"] == {}
+
+
+def test_label_efficiency_table_and_figure(tmp_path):
+    from jaxseg.report import label_efficiency_markdown, label_efficiency_png
+
+    rng = np.random.default_rng(2)
+    runs = [{"seed": s, "init": init, "budget": b, "labels": b, "pretrain_s": 0.0, "best_val_dice": 0.0,
+             "cases": {c: {"spleen": {"dice": float(rng.random()), "hd95": 1.0}} for c in "abc"}}
+            for b in (1, 2, 4) for s in (0, 1) for init in ("none", "contrastive")]
+    rows = summary_rows(runs)
+    md = "\n".join(label_efficiency_markdown(rows))
+    assert "| labelled cases | none | contrastive |" in md and md.count("\n| ") == 4  # header + 3 budgets
+    one = next(r for r in rows if (r["labels"], r["init"]) == (2, "none"))
+    table = [[r["cases"][c]["spleen"]["dice"] for c in "abc"] for r in runs if (r["labels"], r["init"]) == (2, "none")]
+    assert one["dice_ci"]["spleen"]["mean"] == pytest.approx(np.mean(table))
+    assert label_efficiency_png(rows, tmp_path / "le.png") and (tmp_path / "le.png").stat().st_size > 1000
+    assert not label_efficiency_png([r for r in rows if r["labels"] == 2], tmp_path / "one.png")  # one budget: no curve

@@ -15,11 +15,12 @@ import pytest
 from jaxseg.errors import UserError
 
 from jaxseg.config import get_config
-from jaxseg.data import PretrainDataConfig, make_iterator, pretrain_dataset
+from jaxseg.data import make_iterator, pretrain_dataset
 from jaxseg.io import load_weights, save_weights
 from jaxseg.train.checkpoint import Checkpointer, check_workdir
-from jaxseg.train.loop import NonFiniteLossError, converged, run_loop
-from jaxseg.train.pretrain import PretrainSpec, make_pretrain_step, pretrain_state
+from jaxseg.train.hooks import Convergence, converged
+from jaxseg.train.loop import DeviceFeed, NonFiniteLossError, Run, run_loop
+from jaxseg.train.pretrain import make_pretrain_step, pretrain_state
 from jaxseg.models import init_params
 from jaxseg.workflow import make_model
 from jaxseg.train.sharding import data_mesh, replicate, shard_batch
@@ -37,8 +38,8 @@ def _setup(cache, cfg, stage):
     model = make_model(cfg, cache.task)
     params = init_params(model, cfg.seed)
     state, tx = pretrain_state(model, params, cfg, stage)
-    step = make_pretrain_step(model, tx, PretrainSpec.from_config(cfg), stage, multilabel=False)
-    ds = pretrain_dataset(cache, cache.training, PretrainDataConfig(crop_size=cfg.model.crop_size), seed=0)
+    step = make_pretrain_step(model, tx, cfg.pretrain, stage, multilabel=False)
+    ds = pretrain_dataset(cache, cache.training, cfg, seed=0)
     return model, state, step, ds
 
 
@@ -79,8 +80,8 @@ def test_sequential_step_is_one_graph_with_the_unrolled_numbers(cache, stage="en
     model = make_model(CFG, cache.task)
     tx = optax.sgd(0.5)  # plain SGD: parameters compare tightly (Adam amplifies rounding of ~0 gradients)
     state = create_state(init_params(model, CFG.seed), tx)
-    step = make_pretrain_step(model, tx, PretrainSpec.from_config(CFG), stage, multilabel=False)
-    ds = pretrain_dataset(cache, cache.training, PretrainDataConfig(crop_size=CFG.model.crop_size), seed=0)
+    step = make_pretrain_step(model, tx, CFG.pretrain, stage, multilabel=False)
+    ds = pretrain_dataset(cache, cache.training, CFG, seed=0)
     batches = [{k: jnp.asarray(v) for k, v in ds[i].items()} for i in range(2)]
 
     @jax.jit
@@ -89,7 +90,7 @@ def test_sequential_step_is_one_graph_with_the_unrolled_numbers(cache, stage="en
         for a in range(3):
             def loss_fn(p):
                 f = stage_features(model, p, batch["image"], stage, CFG.pretrain.stage2_output, False)
-                return axis_loss(f, a, batch["offset_u"][a], None, PretrainSpec.from_config(CFG))
+                return axis_loss(f, a, batch["offset_u"][a], None, CFG.pretrain)
 
             loss, grads = jax.value_and_grad(loss_fn)(params)
             params = jax.tree_util.tree_map(lambda p, g: p - 0.5 * g, params, grads)
@@ -141,15 +142,14 @@ def test_min_steps_delays_the_rule_and_both_steps_are_reported(tmp_path):
     ds = grain.MapDataset.range(1000).map(lambda k: {"x": np.zeros(1, np.float32)})
     state = TrainState(step=jnp.int32(0), params={"w": jnp.zeros(())}, opt_state=())
     for min_steps, stop, trend in ((0, 11, None), (25, 25, 0.0)):
-        _, summary = run_loop(name="flat", workdir=tmp_path / str(min_steps), state=state, step_fn=flat_step,
-                              data_iter=make_iterator(ds, 1), num_steps=100, prepare_batch=lambda b: b,
-                              crops_per_step=1, should_stop=converged, min_steps=min_steps, progress=False)
+        _, summary = run_loop(Run("flat", tmp_path / str(min_steps), 100, progress=False), state, flat_step,
+                              DeviceFeed(make_iterator(ds, 1), lambda b: b), [Convergence(converged, min_steps)])
         # the loop reads step k's loss after dispatching step k+1: it runs one step past the rule
         assert (summary["end_step"], summary["converged_at"], summary["rule_met_at"]) == (stop + 1, stop, 11)
         assert summary["loss_trend"] == trend  # needs 20 steps
 
 
-def _toy_loop(workdir, losses, num_steps, on_step=None, **kw):
+def _toy_loop(workdir, losses, num_steps, on_step=None, ckpt_every=100, hooks=()):
     """run_loop over a toy state (w += batch): cheap, deterministic, checkpointable."""
     import grain
 
@@ -164,8 +164,8 @@ def _toy_loop(workdir, losses, num_steps, on_step=None, **kw):
 
     ds = grain.MapDataset.range(10_000).map(lambda k: {"x": np.full(3, k, np.float32)})
     state = TrainState(step=jnp.int32(0), params={"w": jnp.zeros(3)}, opt_state=())
-    return run_loop(name="toy", workdir=workdir, state=state, step_fn=step_fn, data_iter=make_iterator(ds, 1),
-                    num_steps=num_steps, prepare_batch=lambda b: b, crops_per_step=1, progress=False, **kw)
+    return run_loop(Run("toy", workdir, num_steps, ckpt_every, progress=False), state, step_fn,
+                    DeviceFeed(make_iterator(ds, 1), lambda b: b), hooks)
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -173,7 +173,7 @@ def test_async_loop_stops_at_most_one_step_after_the_synchronous_rule(tmp_path, 
     rng = np.random.default_rng(seed)
     seq = np.concatenate([np.linspace(2, 1, 15 + seed * 7), 1 + 0.004 * rng.standard_normal(60)])
     sync_stop = next(k for k in range(1, len(seq) + 1) if converged(list(seq[:k])))  # a loop that waits each step
-    _, summary = _toy_loop(tmp_path, lambda k: seq[k - 1], 200, should_stop=converged, ckpt_every=1000)
+    _, summary = _toy_loop(tmp_path, lambda k: seq[k - 1], 200, ckpt_every=1000, hooks=[Convergence(converged)])
     assert summary["rule_met_at"] == summary["converged_at"] == sync_stop
     assert summary["end_step"] - sync_stop in (0, 1)
     rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -217,7 +217,7 @@ def test_train_time_is_step_time_and_a_rerun_that_trains_nothing_adds_nothing(tm
 
 
 def test_loss_trend():
-    from jaxseg.train.loop import loss_trend
+    from jaxseg.train.hooks import loss_trend
 
     assert loss_trend([1.0] * 19) is None
     assert loss_trend([2.0] * 10 + [1.0] * 10) == pytest.approx(-0.5)
@@ -226,10 +226,8 @@ def test_loss_trend():
 
 def _run(workdir, state, step, ds, num_steps, ckpt_every=2):
     mesh = data_mesh()
-    return run_loop(name="t", workdir=workdir, state=replicate(state, mesh), step_fn=step,
-                    data_iter=make_iterator(ds, 2), num_steps=num_steps,
-                    prepare_batch=functools.partial(shard_batch, mesh=mesh), crops_per_step=4,
-                    ckpt_every=ckpt_every, progress=False)
+    return run_loop(Run("t", workdir, num_steps, ckpt_every, crops_per_step=4, progress=False),
+                    replicate(state, mesh), step, DeviceFeed(make_iterator(ds, 2), functools.partial(shard_batch, mesh=mesh)))
 
 
 def test_killed_and_resumed_run_equals_uninterrupted(cache, tmp_path):
@@ -290,8 +288,8 @@ def test_multi_device_matches_single_device(tmp_path):
     script = f"""
 import jax, numpy as np, jax.numpy as jnp
 from jaxseg.config import get_config
-from jaxseg.data import Cache, PretrainDataConfig, load_dataset_json, prepare, pretrain_dataset, write_phantom_dataset
-from jaxseg.train.pretrain import PretrainSpec, make_pretrain_step, pretrain_state
+from jaxseg.data import Cache, load_dataset_json, prepare, pretrain_dataset, write_phantom_dataset
+from jaxseg.train.pretrain import make_pretrain_step, pretrain_state
 from jaxseg.models import init_params
 from jaxseg.workflow import make_model
 from jaxseg.train.sharding import data_mesh, replicate, shard_batch
@@ -306,8 +304,8 @@ for devices in (jax.devices()[:1], jax.devices()):
     model = make_model(cfg, cache.task)
     state, tx = pretrain_state(model, init_params(model, cfg.seed), cfg, "encoder")  # sharding is the same for both stages
     state = replicate(state, mesh)
-    step = make_pretrain_step(model, tx, PretrainSpec.from_config(cfg), "encoder", False)
-    ds = pretrain_dataset(cache, cache.training, PretrainDataConfig(crop_size=32), seed=0)
+    step = make_pretrain_step(model, tx, cfg.pretrain, "encoder", False)
+    ds = pretrain_dataset(cache, cache.training, cfg, seed=0)
     losses = []
     for k in range(3):
         batch = shard_batch(ds[k], mesh)
@@ -380,9 +378,9 @@ def _fill_disk_run(workdir):
 
     ds = grain.MapDataset.range(100).map(lambda k: {"x": np.zeros(1, np.float32)})
     w = jnp.asarray(np.random.default_rng(0).random(400_000, np.float32))
-    return run_loop(name="fill", workdir=workdir, state=TrainState(step=jnp.int32(0), params={"w": w}, opt_state=()),
-                    step_fn=step_fn, data_iter=make_iterator(ds, 1), num_steps=20, prepare_batch=lambda b: b,
-                    crops_per_step=1, progress=False, ckpt_every=1)
+    return run_loop(Run("fill", workdir, 20, ckpt_every=1, progress=False),
+                    TrainState(step=jnp.int32(0), params={"w": w}, opt_state=()), step_fn,
+                    DeviceFeed(make_iterator(ds, 1), lambda b: b))
 
 
 def test_a_disk_that_fills_during_training_is_named_in_one_line(tmp_path):
@@ -462,10 +460,10 @@ def test_a_sampled_objective_takes_its_triplets_from_the_pipeline(cache):
     from jaxseg.train.pretrain import axis_loss, stage_features
 
     cfg = CFG.replace(objective="comparative_sampled", sampled_triplets=16, axis_mode="joint")
-    spec = PretrainSpec.from_config(cfg)
+    spec = cfg.pretrain
     model = make_model(cfg, cache.task)
     params = init_params(model, cfg.seed)
-    ds = pretrain_dataset(cache, cache.training, cfg.pretrain_data(), seed=0)
+    ds = pretrain_dataset(cache, cache.training, cfg, seed=0)
     batch = {k: jnp.asarray(v) for k, v in ds[2].items()}
     feats = stage_features(model, params, batch["image"], "encoder", "probs", False)
     for a in range(3):
@@ -500,3 +498,54 @@ def test_best_model_keeps_the_highest_score_across_a_resume(tmp_path):
     (tmp_path / "none").mkdir()
     fresh.finish({"w": np.full(2, 5, np.float32)})  # no validation: the final params
     np.testing.assert_array_equal(fresh.load({"w": np.zeros(2, np.float32)})["w"], [5, 5])
+
+
+def test_early_stopping_after_patience_evaluations_without_a_better_score(tmp_path):
+    """Validation scores rise to step 4, then stay below it: with a patience of 2 evaluations
+    every 2 steps the run stops at step 8 (4 + 2 x 2), keeps step 4's weights, and a rerun of the
+    stopped run trains nothing."""
+    from jaxseg.train.best import BestModel
+    from jaxseg.train.hooks import Evaluate, Evaluation, KeepBest
+
+    scores = {2: 0.2, 4: 0.5, 6: 0.4, 8: 0.45, 10: 0.9}
+
+    def hooks():
+        best = BestModel(tmp_path)
+        return [Evaluate(lambda state, k: Evaluation({"val_dice": scores[k]}), 2, 12),
+                KeepBest(best, "val_dice", patience=2, every=2)], best
+
+    hk, best = hooks()
+    state, summary = _toy_loop(tmp_path, lambda k: 1.0, 12, ckpt_every=100, hooks=hk)
+    assert summary["end_step"] == int(state.step) == 8 and summary["early_stopped_at"] == 8
+    assert summary["stopped"] == "no better val_dice in 2 evaluations" and summary["best"] == {"val_dice": 0.5, "step": 4}
+    np.testing.assert_array_equal(best.load(state.params)["w"], np.full(3, sum(range(4)), np.float32))  # w after 4 steps
+    rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 9)) and [r.get("val_dice") for r in rows][1::2] == [0.2, 0.5, 0.4, 0.45]
+    hk, _ = hooks()
+    _, again = _toy_loop(tmp_path, lambda k: 1.0, 12, ckpt_every=100, hooks=hk)
+    assert again["start_step"] == again["end_step"] == 8  # stopped for good, not resumed to 12
+
+
+def test_dropout_is_on_in_training_steps_keyed_by_the_step_and_off_in_evaluation(cache):
+    from jaxseg.data import finetune_dataset
+    from jaxseg.inference import make_predictor
+    from jaxseg.losses import dice_ce_loss
+    from jaxseg.train.finetune import make_finetune_step
+    from jaxseg.train.state import create_state, make_optimizer
+
+    cfg = CFG.replace(dropout_rate=0.3)
+    ds = finetune_dataset(cache, cache.training[:2], cfg, seed=3)
+    assert "rng" in ds[0] and "rng" not in finetune_dataset(cache, cache.training[:2], CFG, seed=3)[0]
+    np.testing.assert_array_equal(ds[5]["rng"], finetune_dataset(cache, cache.training[:2], cfg, seed=3)[5]["rng"])
+    on, off = make_model(cfg, cache.task), make_model(CFG, cache.task)
+    params, tx = init_params(off, 0), make_optimizer(1e-3, 0.0)
+    step = make_finetune_step(on, tx, False)
+    batch = {k: jnp.asarray(v) for k, v in ds[0].items()}
+    losses = [float(step(create_state(jax.tree_util.tree_map(jnp.array, params), tx), batch)[1]["loss"])
+              for _ in range(2)]  # (the step donates its state: a fresh copy each time)
+    plain = float(dice_ce_loss(jax.jit(off.apply)(params, batch["image"]), batch["label"], "softmax"))
+    assert losses[0] == losses[1] != pytest.approx(plain, rel=1e-4)  # on in training, a function of (seed, step)
+    image = np.asarray(cache.image(cache.training[0]))
+    probs = [np.asarray(make_predictor(m, cache.task, 32)(params, image)) for m in (on, on, off)]
+    np.testing.assert_array_equal(probs[0], probs[1])  # evaluation is deterministic
+    np.testing.assert_array_equal(probs[0], probs[2])  # and has no dropout

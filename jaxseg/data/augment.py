@@ -3,6 +3,7 @@ explicit ``np.random.Generator`` so pipelines are deterministic per element."""
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Sequence
 
 import numpy as np
@@ -37,19 +38,41 @@ def centred_start(centre: Sequence[int], shape: Sequence[int], size: Sequence[in
     return out
 
 
-def augment(rng: np.random.Generator, image: np.ndarray, label: np.ndarray | None = None, *,
-            flip_prob: float = 0.1, rot90_prob: float = 0.1, shift_prob: float = 0.5,
-            shift: float = 0.1) -> tuple[np.ndarray, np.ndarray | None]:
-    """Random flips per spatial axis, a random rot90 in the first two axes (cubic crops), and a
-    random intensity offset in [-shift, shift] (MONAI's RandFlip / RandRotate90 / RandShiftIntensity)."""
-    for axis in range(3):
-        if rng.random() < flip_prob:
+@dataclasses.dataclass(frozen=True)
+class Augmentation:
+    """One draw of the random transforms: which axes to flip, quarter turns in the first two
+    axes (cubic crops), an intensity offset."""
+
+    flips: tuple[bool, bool, bool] = (False, False, False)
+    quarter_turns: int = 0
+    offset: float | None = None
+
+
+def draw(rng: np.random.Generator, *, flip_prob: float = 0.1, rot90_prob: float = 0.1, shift_prob: float = 0.5,
+         shift: float = 0.1) -> Augmentation:
+    """Flips per spatial axis, a rot90 and an intensity offset in [-shift, shift], each with its
+    probability (MONAI's RandFlip / RandRotate90 / RandShiftIntensity)."""
+    flips = tuple(bool(rng.random() < flip_prob) for _ in range(3))
+    turns = int(rng.integers(1, 4)) if rng.random() < rot90_prob else 0
+    offset = float(np.float32(rng.uniform(-shift, shift))) if rng.random() < shift_prob else None
+    return Augmentation(flips, turns, offset)
+
+
+def apply(t: Augmentation, image: np.ndarray, label: np.ndarray | None = None
+          ) -> tuple[np.ndarray, np.ndarray | None]:
+    for axis, flip in enumerate(t.flips):
+        if flip:
             image = np.flip(image, axis)
             label = None if label is None else np.flip(label, axis)
-    if rng.random() < rot90_prob:
-        k = int(rng.integers(1, 4))
-        image = np.rot90(image, k, axes=(0, 1))
-        label = None if label is None else np.rot90(label, k, axes=(0, 1))
-    if rng.random() < shift_prob:
-        image = image + np.float32(rng.uniform(-shift, shift))
+    if t.quarter_turns:
+        image = np.rot90(image, t.quarter_turns, axes=(0, 1))
+        label = None if label is None else np.rot90(label, t.quarter_turns, axes=(0, 1))
+    if t.offset is not None:
+        image = image + np.float32(t.offset)
     return np.ascontiguousarray(image, np.float32), None if label is None else np.ascontiguousarray(label)
+
+
+def augment(rng: np.random.Generator, image: np.ndarray, label: np.ndarray | None = None, **probs
+            ) -> tuple[np.ndarray, np.ndarray | None]:
+    """``apply(draw(rng, **probs), image, label)``: one crop's own random transforms."""
+    return apply(draw(rng, **probs), image, label)

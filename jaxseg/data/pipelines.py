@@ -17,35 +17,14 @@ from typing import Sequence
 import grain
 import numpy as np
 
-from jaxseg.data.augment import augment, centred_start, crop_at, random_start
+from jaxseg.config import Config
+from jaxseg.data.augment import apply, augment, centred_start, crop_at, draw, random_start
 from jaxseg.data.cache import Cache
+from jaxseg.losses import SAMPLED_OBJECTIVES
 from jaxseg.losses.partition import sample_triplets
 
 _MAX_STEPS = 2**40  # "infinite" stream; the training loop decides when to stop
-
-
-@dataclasses.dataclass(frozen=True)
-class PretrainDataConfig:
-    crop_size: int = 96
-    volumes_per_step: int = 2
-    crops_per_volume: int = 2
-    num_partitions: int = 4
-    shared_offset: bool = True  # the authors' single offset for all partitions
-    sampled_triplets: int = 0  # K triplets per axis for a sampled objective (0: none)
-    flip_prob: float = 0.1
-    rot90_prob: float = 0.1
-    shift_prob: float = 0.5
-
-
-@dataclasses.dataclass(frozen=True)
-class FinetuneDataConfig:
-    crop_size: int = 96
-    volumes_per_step: int = 1
-    crops_per_volume: int = 4
-    pos_fraction: float = 0.5  # positive : negative crop centres 1:1
-    flip_prob: float = 0.1
-    rot90_prob: float = 0.1
-    shift_prob: float = 0.5
+_SHARED_AUGMENT = 2**31  # the stream of a step's shared augmentation (rows use 1 + row)
 
 
 class _Volumes:
@@ -73,8 +52,8 @@ def host_rows(total: int, shard: tuple[int, int]) -> range:
     return range(index * n, (index + 1) * n)
 
 
-def _step_rng(seed: int, k: int) -> np.random.Generator:
-    return np.random.default_rng([seed, k])
+def _step_rng(seed: int, k: int, *stream: int) -> np.random.Generator:
+    return np.random.default_rng([seed, k, *stream])
 
 
 def _row_rng(seed: int, k: int, row: int) -> np.random.Generator:
@@ -82,52 +61,64 @@ def _row_rng(seed: int, k: int, row: int) -> np.random.Generator:
     return np.random.default_rng([seed, k, 1 + row])
 
 
-def _pretrain_element(vols: _Volumes, cfg: PretrainDataConfig, seed: int, shard: tuple[int, int], k: int) -> dict:
-    n = len(vols.ids)
+def _pretrain_element(vols: _Volumes, cfg: Config, seed: int, shard: tuple[int, int], k: int) -> dict:
+    p, n, size = cfg.pretrain, len(vols.ids), (cfg.model.crop_size,) * 3
     step = _step_rng(seed, k)  # what every host shares: volumes, partition offsets, triplet seed
-    chosen = step.choice(n, size=cfg.volumes_per_step, replace=n < cfg.volumes_per_step)
-    p = cfg.num_partitions
-    u = step.random((3, 1 if cfg.shared_offset else p))
-    size = (cfg.crop_size,) * 3
+    chosen = step.choice(n, size=p.volumes_per_step, replace=n < p.volumes_per_step)
+    u = step.random((3, 1 if p.shared_offset else p.num_partitions))
+    # per_step: one spatial draw for every crop of the step (from its own stream, so that the
+    # other draws stay as they are), so partition p is the same anatomy in all of them
+    shared = draw(_step_rng(seed, k, _SHARED_AUGMENT), flip_prob=p.flip_prob, rot90_prob=p.rot90_prob,
+                  shift_prob=0.0) if p.augment == "per_step" else None
     crops = []
-    for r in host_rows(cfg.volumes_per_step * cfg.crops_per_volume, shard):  # order [v1a, v1b, v2a, v2b]
-        rng, img = _row_rng(seed, k, r), vols.images[chosen[r // cfg.crops_per_volume]]
+    for r in host_rows(p.volumes_per_step * p.crops_per_volume, shard):  # order [v1a, v1b, v2a, v2b]
+        rng, img = _row_rng(seed, k, r), vols.images[chosen[r // p.crops_per_volume]]
         c = crop_at(img, random_start(rng, img.shape[:3], size), size)
-        crops.append(augment(rng, c, flip_prob=cfg.flip_prob, rot90_prob=cfg.rot90_prob, shift_prob=cfg.shift_prob)[0])
+        own = draw(rng, flip_prob=p.flip_prob if p.augment == "per_crop" else 0.0,
+                   rot90_prob=p.rot90_prob if p.augment == "per_crop" else 0.0, shift_prob=p.shift_prob)
+        if shared is not None:
+            own = dataclasses.replace(shared, offset=own.offset)
+        crops.append(apply(own, c)[0])
     out = {"image": np.stack(crops), "volume": chosen.astype(np.int32),
-           "offset_u": np.broadcast_to(u, (3, p)).astype(np.float32)}
-    if cfg.sampled_triplets:  # the one sampler of jaxseg's training: the step draws nothing itself
-        n = cfg.volumes_per_step * cfg.crops_per_volume
-        out["triplets"] = np.stack([sample_triplets(step, n, p, cfg.sampled_triplets) for _ in range(3)])
+           "offset_u": np.broadcast_to(u, (3, p.num_partitions)).astype(np.float32), **_dropout_key(cfg, seed, k)}
+    if p.objective in SAMPLED_OBJECTIVES:  # the one sampler of jaxseg's training: the step draws nothing itself
+        rows = p.volumes_per_step * p.crops_per_volume
+        out["triplets"] = np.stack([sample_triplets(step, rows, p.num_partitions, p.sampled_triplets)
+                                    for _ in range(3)])
     return out
 
 
-def _finetune_element(vols: _Volumes, cfg: FinetuneDataConfig, task, seed: int, shard: tuple[int, int],
-                      k: int) -> dict:
-    n = len(vols.ids)
-    size = (cfg.crop_size,) * 3
+def _dropout_key(cfg: Config, seed: int, k: int) -> dict:
+    """``rng``: (seed, step) as uint32, the dropout key's source in a training step (a function
+    of the step alone, so a resumed run draws the same masks), for models with dropout."""
+    return {"rng": np.asarray([seed % 2**32, k % 2**32], np.uint32)} if cfg.model.dropout_rate > 0 else {}
+
+
+def _finetune_element(vols: _Volumes, cfg: Config, task, seed: int, shard: tuple[int, int], k: int) -> dict:
+    f, n, size = cfg.finetune, len(vols.ids), (cfg.model.crop_size,) * 3
     chosen = []
-    for slot in range(cfg.volumes_per_step):
-        epoch, pos = divmod(k * cfg.volumes_per_step + slot, n)  # epoch-wise permutations: every case once per epoch
+    for slot in range(f.volumes_per_step):
+        epoch, pos = divmod(k * f.volumes_per_step + slot, n)  # epoch-wise permutations: every case once per epoch
         chosen.append(int(_epoch_order(vols, epoch)[pos]))
     images, labels, masks = [], [], {}
-    for r in host_rows(cfg.volumes_per_step * cfg.crops_per_volume, shard):
-        v = chosen[r // cfg.crops_per_volume]
+    for r in host_rows(f.volumes_per_step * f.crops_per_volume, shard):
+        v = chosen[r // f.crops_per_volume]
         img, lab = vols.images[v], np.asarray(vols.labels[v])
         if v not in masks:  # foreground / background voxels of each volume this host crops
             masks[v] = (np.argwhere(lab > 0), (lab == 0) & np.any(np.asarray(img) != 0, axis=-1))
         fg, bg_mask = masks[v]
         rng = _row_rng(seed, k, r)
-        if len(fg) and rng.random() < cfg.pos_fraction:
+        if len(fg) and rng.random() < f.pos_fraction:
             centre = fg[rng.integers(len(fg))]
         else:
             centre = _random_voxel(rng, bg_mask)
         start = centred_start(centre, img.shape[:3], size)
-        ci, cl = augment(rng, crop_at(img, start, size), crop_at(lab, start, size), flip_prob=cfg.flip_prob,
-                         rot90_prob=cfg.rot90_prob, shift_prob=cfg.shift_prob)
+        ci, cl = augment(rng, crop_at(img, start, size), crop_at(lab, start, size), flip_prob=f.flip_prob,
+                         rot90_prob=f.rot90_prob, shift_prob=f.shift_prob)
         images.append(ci)
         labels.append(task.targets(cl))
-    return {"image": np.stack(images), "label": np.stack(labels), "volume": np.asarray(chosen, np.int32)}
+    return {"image": np.stack(images), "label": np.stack(labels), "volume": np.asarray(chosen, np.int32),
+            **_dropout_key(cfg, seed, k)}
 
 
 def _random_voxel(rng, mask):
@@ -141,30 +132,32 @@ def _epoch_order(vols: _Volumes, epoch: int) -> np.ndarray:
     return np.random.default_rng([vols.order_seed, epoch]).permutation(len(vols.ids))
 
 
-def pretrain_dataset(cache: Cache, case_ids: Sequence[str], cfg: PretrainDataConfig, seed: int,
+def pretrain_dataset(cache: Cache, case_ids: Sequence[str], cfg: Config, seed: int,
                      shard: tuple[int, int] = (0, 1)) -> grain.MapDataset:
-    """Element k: ``image`` (V*Cv / count, S, S, S, C) float32, this host's rows of the global
-    batch ordered [v1a, v1b, v2a, ...] (``shard`` = (process index, process count); every row is
-    a function of (seed, k, row) alone, so the global batch is the same for any process count),
-    and, the same on every host: ``offset_u`` (3, P) uniforms in [0, 1) for each axis' partition
-    offsets (the step scales them by the partition size of the map it slices, so one draw serves
-    encoder and decoder stages), ``volume`` (V,), and with ``cfg.sampled_triplets`` K > 0
-    ``triplets`` (3, K, 4): each axis' (i, j, p, p~) for a sampled objective, drawn here in NumPy
-    (``jaxseg.losses.sample_triplets`` with a Generator) as a function of (seed, k)."""
+    """Element k of ``cfg``'s pre-training input (``cfg.pretrain``, ``cfg.model.crop_size``):
+    ``image`` (V*Cv / count, S, S, S, C) float32, this host's rows of the global batch ordered
+    [v1a, v1b, v2a, ...] (``shard`` = (process index, process count); every row is a function of
+    (seed, k, row) alone, so the global batch is the same for any process count), and, the same
+    on every host: ``offset_u`` (3, P) uniforms in [0, 1) for each axis' partition offsets (the
+    step scales them by the partition size of the map it slices, so one draw serves encoder and
+    decoder stages), ``volume`` (V,), for a sampled objective ``triplets`` (3, K, 4): each axis'
+    (i, j, p, p~), drawn here in NumPy (``jaxseg.losses.sample_triplets`` with a Generator) as a
+    function of (seed, k), and for a model with dropout ``rng`` (``_dropout_key``)."""
     vols = _Volumes(cache, case_ids, labels=False)
-    host_rows(cfg.volumes_per_step * cfg.crops_per_volume, shard)  # refuse a batch that cannot split, now
+    host_rows(cfg.pretrain.volumes_per_step * cfg.pretrain.crops_per_volume, shard)  # refuse a batch that cannot split, now
     return grain.MapDataset.range(_MAX_STEPS).map(lambda k: _pretrain_element(vols, cfg, seed, shard, k))
 
 
-def finetune_dataset(cache: Cache, case_ids: Sequence[str], cfg: FinetuneDataConfig, seed: int,
+def finetune_dataset(cache: Cache, case_ids: Sequence[str], cfg: Config, seed: int,
                      shard: tuple[int, int] = (0, 1)) -> grain.MapDataset:
-    """Element k: this host's rows (see ``pretrain_dataset``) of ``image`` (V*Cv, S, S, S, C)
-    and ``label``: integer (V*Cv, S, S, S) for softmax tasks, multi-hot (V*Cv, S, S, S, 3)
-    TC/WT/ET for BraTS-like caches; and ``volume`` (V,) the case indices used. Volumes follow a
-    seeded permutation per epoch (every case once per epoch); crop centres are foreground /
-    background 1:1."""
+    """Element k of ``cfg``'s fine-tuning input (``cfg.finetune``): this host's rows (see
+    ``pretrain_dataset``) of ``image`` (V*Cv, S, S, S, C) and ``label``: integer (V*Cv, S, S, S)
+    for softmax tasks, multi-hot (V*Cv, S, S, S, 3) TC/WT/ET for BraTS-like caches; ``volume``
+    (V,) the case indices used, and ``rng`` for a model with dropout. Volumes follow a seeded
+    permutation per epoch (every case once per epoch); a crop is centred on a foreground voxel
+    with probability ``cfg.finetune.pos_fraction``, else on background."""
     vols, task = _Volumes(cache, case_ids, labels=True, order_seed=seed), cache.task
-    host_rows(cfg.volumes_per_step * cfg.crops_per_volume, shard)
+    host_rows(cfg.finetune.volumes_per_step * cfg.finetune.crops_per_volume, shard)
     return grain.MapDataset.range(_MAX_STEPS).map(lambda k: _finetune_element(vols, cfg, task, seed, shard, k))
 
 

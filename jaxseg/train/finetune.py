@@ -6,7 +6,7 @@ import functools
 
 from jaxseg.losses import dice_ce_loss
 from jaxseg.models.unetr import UNETR
-from jaxseg.train.step import make_train_step
+from jaxseg.train.step import dropout_rngs, make_train_step
 
 
 @functools.lru_cache(maxsize=None)
@@ -17,6 +17,6 @@ def make_finetune_step(model: UNETR, tx, multilabel: bool):
     mode = "sigmoid" if multilabel else "softmax"
 
     def loss_fn(params, batch):
-        return dice_ce_loss(model.apply(params, batch["image"]), batch["label"], mode)
+        return dice_ce_loss(model.apply(params, batch["image"], **dropout_rngs(batch)), batch["label"], mode)
 
     return make_train_step(loss_fn, tx)

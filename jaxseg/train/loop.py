@@ -1,41 +1,52 @@
-"""The training loop shared by pre-training and fine-tuning, and its small parts: resume, a
+"""The training loop shared by pre-training and fine-tuning: a small core that dispatches one
+step ahead and hands every finished step to its hooks (``jaxseg.train.hooks``: convergence,
+evaluation, best model and early stopping, the metrics log, checkpoints), plus resume, a
 ``Clock`` (step time only: compilation, setup, evaluation and checkpoints apart), a
-``DeviceFeed`` that puts batches on the device ahead of use, periodic actions (evaluate,
-checkpoint, log: metrics file, TensorBoard, progress with ETA), a NaN stop that keeps the last
-good checkpoint, preemption (SIGTERM: checkpoint, then stop), and the convergence rule.
+``DeviceFeed`` that puts batches on the device ahead of use, a NaN stop that keeps the last
+good checkpoint, preemption (SIGTERM: checkpoint, then stop), and disk faults in one line.
 
 The loop never waits on the device for bookkeeping: step k+1 is dispatched before step k's
-loss is read, so logging and the convergence rule run while the device computes. The rule
-therefore decides one step late (a stage may run one step past ``rule_met_at``). Only steps
-that evaluate or checkpoint, which need the state of that very step, wait for it.
+loss is read, so logging and the convergence rule run while the device computes. A stop asked
+for by a hook at step k therefore ends the run at k+1. Only steps whose train state a hook wants
+(evaluation, checkpoints; and the first, so that its time is compilation plus one step) wait.
 """
 
 from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import json
 import math
-import os
-import queue
 import statistics
-import threading
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
-from tqdm import tqdm
 
 from jaxseg.distributed import Preempted, StopRequest, is_primary
 from jaxseg.errors import UserError
 from jaxseg.io import atomic_write_text, disk_fault
 from jaxseg.train.checkpoint import Checkpointer
-from jaxseg.train.tensorboard import Board
+from jaxseg.train.hooks import Checkpoints, Control, Hook, MetricsLog, Step, final_losses
 
 
 class NonFiniteLossError(FloatingPointError):
     pass
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """A training run: its name (``metrics`` rows, summary file), folder, length and bookkeeping."""
+
+    name: str
+    workdir: Path
+    num_steps: int
+    ckpt_every: int = 100
+    crops_per_step: int = 1  # for crops/s
+    progress: bool = True
+    learning_rate: float | None = None  # logged beside the metrics (TensorBoard)
 
 
 class Clock:
@@ -122,131 +133,60 @@ class DeviceFeed:
             self.it.start_prefetch()
 
 
-class MetricsWriter:
-    """``metrics.jsonl`` and TensorBoard written by a background thread: the loop hands a row
-    over and goes on. ``flush`` waits until every row handed over is written (before a
-    checkpoint, so that a resumed run has every row up to its step)."""
-
-    def __init__(self, path: Path, board: Board, learning_rate: float | None):
-        self.board, self.lr = board, learning_rate
-        self.file = open(path if is_primary() else os.devnull, "a")
-        self.queue: queue.Queue = queue.Queue()
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, name="jaxseg-metrics", daemon=True)
-        self.thread.start()
-
-    def row(self, rec: dict) -> None:
-        self.queue.put(("row", rec))
-
-    def image(self, tag: str, step: int, rgb) -> None:
-        self.queue.put(("image", (tag, step, rgb)))
-
-    def flush(self) -> None:
-        self.queue.join()
-        if self.error is not None:
-            raise self.error
-
-    def close(self) -> None:
-        self.queue.put(None)
-        self.thread.join()
-        self.file.close()
-        if self.error is not None:
-            raise self.error
-
-    def _run(self) -> None:
-        while (item := self.queue.get()) is not None:
-            try:
-                kind, value = item
-                if kind == "image":
-                    self.board.image(*value)
-                else:
-                    self.file.write(json.dumps(value) + "\n")
-                    self.file.flush()
-                    self.board.scalars(value["step"], {**{k: v for k, v in value.items() if k != "step"},
-                                                       **({"learning_rate": self.lr} if self.lr is not None else {})})
-            except BaseException as e:  # noqa: BLE001 - raised in the loop's thread at the next flush
-                self.error = self.error or e
-            finally:
-                self.queue.task_done()
-        self.queue.task_done()
-
-
-def due(step: int, every: int, last: int) -> bool:
-    """A periodic action runs every ``every`` steps and at the last step (``every`` 0: never)."""
-    return bool(every) and (step % every == 0 or step == last)
-
-
-def run_loop(*, name: str, workdir: Path, state: Any, step_fn: Callable, data_iter: Any, num_steps: int,
-             prepare_batch: Callable[[dict], dict], crops_per_step: int, ckpt_every: int = 100,
-             should_stop: Callable[[list[float]], bool] | None = None, min_steps: int = 0,
-             evaluate: Callable[[Any, int], dict] | None = None, eval_every: int = 0,
-             progress: bool = True, learning_rate: float | None = None, prefetch: int = 2) -> tuple[Any, dict]:
-    """Run ``step_fn(state, batch) -> (state, metrics with 'loss')`` up to ``num_steps`` total
-    steps, resuming from ``workdir/checkpoints`` if present; ``prepare_batch`` moves a host batch
-    to the device, ``prefetch`` batches ahead. Periodic actions: ``evaluate`` every
-    ``eval_every`` steps (it may return ``images``: tag -> RGB array, for TensorBoard only), a
-    checkpoint every ``ckpt_every`` steps, a log row (``metrics.jsonl``, TensorBoard in
-    ``workdir/tensorboard``, the progress bar) every step. ``should_stop(losses)`` ends the run
-    once it holds at or after step ``min_steps`` (a warm-up), one step later than it held (the
-    loop does not wait for a loss before dispatching the next step); the first step where it held
-    is kept either way (``rule_met_at``). SIGTERM checkpoints the step in hand and raises
-    ``Preempted``. Returns (state, summary); ``train_s`` counts step time across resumed runs,
-    without compilation (``compile_s``), setup, evaluation or checkpointing."""
-    workdir = Path(workdir)
-    with contextlib.ExitStack() as stack:  # writers, checkpoints and the bar closed however the run ends
-        board = Board(workdir / "tensorboard")  # before the clock: creating it is not training
-        stack.callback(board.close)
+def run_loop(run: Run, state: Any, step_fn: Callable, feed: "DeviceFeed",
+             hooks: Sequence[Hook] = ()) -> tuple[Any, dict]:
+    """Run ``step_fn(state, batch) -> (state, metrics with 'loss')`` on ``feed``'s batches up to
+    ``run.num_steps`` total steps, resuming from ``run.workdir/checkpoints`` if present. After
+    each step ``hooks`` run in order, then the metrics log and the checkpoints; a hook may stop
+    the run (``Control.stop``). SIGTERM checkpoints the step in hand and raises ``Preempted``.
+    Returns (state, summary); the summary (also ``NAME_summary.json``) has the step range, the
+    clock's times (``train_s`` across resumed runs, without compilation, setup, evaluation or
+    checkpoints), the final losses, why the run stopped early if it did, and each hook's part."""
+    workdir = Path(run.workdir)
+    with contextlib.ExitStack() as stack:  # the log, checkpoints and hooks closed however the run ends
         ckpt = Checkpointer(workdir / "checkpoints")
         stack.callback(ckpt.close)
-        feed = DeviceFeed(data_iter, prepare_batch, prefetch)
         restored = ckpt.restore(state, feed)
         state, extra = restored if restored is not None else (state, {})
         history: list[float] = list(extra.get("history", []))
-        converged_at, rule_met_at = extra.get("converged_at"), extra.get("rule_met_at")
         start = step = int(jax.device_get(state.step))
-        metrics_path = workdir / "metrics.jsonl"
-        if is_primary():
-            _truncate_metrics(metrics_path, start)  # a killed run may have logged steps past its checkpoint
-        bar = tqdm(total=num_steps, initial=start, desc=name, unit="step", disable=not progress, dynamic_ncols=True)
-        stack.callback(bar.close)
-        clock = Clock(float(extra.get("train_s", 0.0)))
-        done = converged_at is not None or step >= num_steps
+        log = MetricsLog(workdir, run.name, start, run.num_steps, run.progress,
+                         {"learning_rate": run.learning_rate} if run.learning_rate is not None else None)
+        control = Control()
 
-        def finish(k: int, metrics: dict, data_wait: float, last: bool) -> None:
-            """Step ``k``'s bookkeeping, from values brought to the host once; ``last``: no step
-            after it was dispatched, so ``state`` is this step's and it may evaluate / checkpoint."""
-            nonlocal converged_at, rule_met_at
+        def extras(info: Step, control: Control) -> dict:
+            stopped = None if control.reason == "preempted" else control.reason
+            return {"history": history, "train_s": info.train_s, "stopped": stopped,
+                    **{k: v for h in hooks for k, v in h.extra().items()}}
+
+        hooks = [*hooks, log, Checkpoints(ckpt, feed, run.ckpt_every, run.num_steps, log, extras)]
+        for h in hooks:
+            stack.callback(h.close)
+            h.restore(extra)
+        clock = Clock(float(extra.get("train_s", 0.0)))
+        # a run that stopped early (converged, early-stopped) is done; older checkpoints kept converged_at
+        done = step >= run.num_steps or bool(extra.get("stopped") or extra.get("converged_at") is not None)
+
+        def finish(k: int, metrics: dict, data_wait: float, synced: Any | None) -> None:
+            """Step ``k``'s bookkeeping from values brought to the host once; ``synced``: its train
+            state, where the loop waited for it (no later step was dispatched)."""
             host = jax.device_get(metrics)  # waits for step k only: step k+1 may be running already
             interval = clock.step_done(data_wait)
             loss = float(host["loss"])
             if not math.isfinite(loss):
-                _stop_non_finite(name, loss, k, ckpt)
+                _stop_non_finite(run.name, loss, k, ckpt)
             history.append(loss)
             rec = {"step": k, "loss": loss, "step_time_s": interval, "data_wait_s": data_wait,
-                   "crops_per_s": crops_per_step / max(interval, 1e-9),
+                   "crops_per_s": run.crops_per_step / max(interval, 1e-9),
                    **{m: float(v) for m, v in host.items() if m != "loss" and getattr(v, "ndim", 0) == 0}}
-            if should_stop is not None and should_stop(history):
-                rule_met_at = k if rule_met_at is None else rule_met_at
-                if k >= min_steps and converged_at is None:
-                    converged_at, rec["converged"] = k, True
-            if last:
-                trained = clock.train_s()  # up to this step, before its evaluation
-                if evaluate is not None and due(k, eval_every, num_steps):
-                    rec.update(_evaluate(evaluate, state, k, writer))
-            writer.row(rec)
-            bar.set_postfix(loss=f"{loss:.4f}", crops_s=f"{rec['crops_per_s']:.1f}", wait=f"{data_wait * 1e3:.0f}ms",
-                            refresh=False)
-            bar.update(1)
-            if last:
-                if due(k, ckpt_every, num_steps) or converged_at is not None or stop.requested:
-                    writer.flush()  # every row up to the checkpoint's step is on disk
-                    ckpt.save(k, state, feed, {"history": history, "converged_at": converged_at,
-                                               "rule_met_at": rule_met_at, "train_s": trained})
+            info = Step(k, loss, history, rec, synced, clock.train_s())
+            for h in hooks:
+                h.after_step(info, control)
+            if synced is not None:
                 clock.restart()  # evaluation and checkpoint time is not training
 
         pending = None  # (step, metrics still on the device, data wait)
-        writer = MetricsWriter(metrics_path, board, learning_rate)
-        with _disk_faults_named(workdir, ckpt), StopRequest() as stop, contextlib.closing(writer):
+        with _disk_faults_named(workdir, ckpt), StopRequest() as preemption:
             clock.restart()
             while not done:
                 t0 = time.perf_counter()
@@ -258,25 +198,22 @@ def run_loop(*, name: str, workdir: Path, state: Any, step_fn: Callable, data_it
                 feed.top_up()
                 wait = (t1 - t0) + (time.perf_counter() - t2)  # host time spent waiting for input
                 if pending is not None:
-                    finish(*pending, last=False)
+                    finish(*pending, synced=None)
                 pending = (step, metrics, wait)
-                preempt = stop.at_step()  # every process, every step: the sync point needs it
-                stop.requested = stop.requested or preempt
-                done = step >= num_steps or converged_at is not None or stop.requested
-                first = step == start + 1  # waited for, so that its time is compilation + one step, no more
-                if done or first or due(step, ckpt_every, num_steps) or (evaluate is not None and due(step, eval_every,
-                                                                                                     num_steps)):
-                    finish(*pending, last=True)
+                if preemption.at_step():  # every process, every step: the sync point needs it
+                    control.stop("preempted")
+                done = step >= run.num_steps or control.stopping
+                if done or step == start + 1 or any(h.wants_state(step) for h in hooks):
+                    finish(*pending, synced=state)
                     pending = None
-                    done = done or converged_at is not None
-    if stop.requested and converged_at is None and step < num_steps:
-        raise Preempted(name, step, ckpt.directory)
-    summary = {"name": name, "start_step": start, "end_step": step, "converged_at": converged_at,
-               "rule_met_at": rule_met_at, "min_steps": min_steps, "loss_trend": loss_trend(history),
-               **clock.summary(crops_per_step), "final_loss": history[-1] if history else None,
-               "final_mean_loss": sum(history[-10:]) / len(history[-10:]) if history else None}
+                    done = done or control.stopping
+    if control.reason == "preempted" and step < run.num_steps:
+        raise Preempted(run.name, step, ckpt.directory)
+    summary = {"name": run.name, "start_step": start, "end_step": step, "stopped": control.reason,
+               **clock.summary(run.crops_per_step), **final_losses(history),
+               **{k: v for h in hooks for k, v in h.summary().items()}}
     if is_primary():
-        atomic_write_text(workdir / f"{name}_summary.json", json.dumps(summary, indent=1))
+        atomic_write_text(workdir / f"{run.name}_summary.json", json.dumps(summary, indent=1))
     return state, summary
 
 
@@ -304,43 +241,3 @@ def _stop_non_finite(name: str, loss: float, step: int, ckpt: Checkpointer):
     raise NonFiniteLossError(
         f"{name}: non-finite loss ({loss}) at step {step}; stopped. The last good checkpoint "
         f"({'step ' + str(last) if last is not None else 'none'}) in {ckpt.directory} is intact.")
-
-
-def _evaluate(evaluate, state, step: int, writer: MetricsWriter) -> dict:
-    ev = dict(evaluate(state, step))
-    for tag, rgb in ev.pop("images", {}).items():
-        writer.image(tag, step, rgb)
-    return ev
-
-
-def _truncate_metrics(path: Path, last_step: int) -> None:
-    """Keep the rows of steps up to ``last_step`` (the restored checkpoint)."""
-    if not path.is_file():
-        return
-    keep = []
-    for line in path.read_text().splitlines():
-        try:
-            if json.loads(line)["step"] <= last_step:
-                keep.append(line)
-        except (ValueError, KeyError):
-            continue  # a line cut by the kill
-    atomic_write_text(path, "".join(f"{l}\n" for l in keep))
-
-
-def loss_trend(history: list[float], window: int = 10) -> float | None:
-    """Relative change of the mean loss over the last ``window`` steps against the ``window``
-    before (negative: still falling); None with fewer than ``2 * window`` steps."""
-    if len(history) < 2 * window:
-        return None
-    last, before = history[-window:], history[-2 * window:-window]
-    mean_before = sum(before) / window
-    return (sum(last) / window - mean_before) / abs(mean_before) if mean_before else None
-
-
-def converged(history: list[float], window: int = 10, rtol: float = 0.01) -> bool:
-    """The paper's rule: the current loss lies within ``rtol`` x |mean| of the running mean of
-    the ``window`` losses before it."""
-    if len(history) <= window:
-        return False
-    mean = sum(history[-window - 1:-1]) / window
-    return abs(history[-1] - mean) < rtol * abs(mean)

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import time
 from typing import Any
@@ -12,40 +11,25 @@ import jax
 import jax.numpy as jnp
 
 from jaxseg import losses as L
-from jaxseg.config import Config
+from jaxseg.config import Config, PretrainConfig
 from jaxseg.models.unetr import UNETR, param_shapes, pretraining_stage, trainable_in_stage
 from jaxseg.train.state import TrainState, create_state, make_optimizer, param_labels
-from jaxseg.train.step import make_train_step
+from jaxseg.train.step import dropout_rngs, make_train_step
 
 
-def stage_features(model: UNETR, params, images, stage: str, output: str, multilabel: bool):
+def stage_features(model: UNETR, params, images, stage: str, output: str, multilabel: bool, **apply_kw):
     """Stage 'encoder': enc4 (M, s, s, s, 8F). Stage 'decoder': class probabilities (softmax,
-    or sigmoid for multi-label tasks) or raw logits."""
+    or sigmoid for multi-label tasks) or raw logits. ``apply_kw``: dropout (``dropout_rngs``)."""
     if pretraining_stage(stage) == "encoder":
-        return model.apply(params, images, method=UNETR.encode).astype(jnp.float32)
-    logits = model.apply(params, images).astype(jnp.float32)
+        return model.apply(params, images, method=UNETR.encode, **apply_kw).astype(jnp.float32)
+    logits = model.apply(params, images, **apply_kw).astype(jnp.float32)
     if output == "logits":
         return logits
     return L.output_probabilities(logits, multilabel)
 
 
-@dataclasses.dataclass(frozen=True)
-class PretrainSpec:
-    """What a pre-training step needs of the config, and no more."""
-    objective: str = "comparative"
-    temperature: float = 1.0
-    num_partitions: int = 4
-    axis_mode: str = "sequential"  # sequential: one update per axis (the paper) | joint
-    stage2_output: str = "probs"  # probs | logits
-
-    @classmethod
-    def from_config(cls, cfg: Config) -> "PretrainSpec":
-        p = cfg.pretrain
-        return cls(p.objective, p.temperature, p.num_partitions, p.axis_mode, p.stage2_output)
-
-
-def axis_loss(feats, axis: int, offset_u, triplets, spec: PretrainSpec):
-    """Objective ``spec.objective`` over the P partition slices of ``feats`` along ``axis``;
+def axis_loss(feats, axis: int, offset_u, triplets, spec: PretrainConfig):
+    """Objective ``spec.objective`` (``cfg.pretrain``) over the P partition slices of ``feats`` along ``axis``;
     ``offset_u`` (P,) uniforms in [0, 1) become offsets within partitions of this map's size;
     ``triplets`` (K, 4) are a sampled objective's (from the batch), else None."""
     size = L.partition_size(feats.shape[1 + axis], spec.num_partitions)
@@ -54,7 +38,7 @@ def axis_loss(feats, axis: int, offset_u, triplets, spec: PretrainSpec):
     return L.get_objective(spec.objective)(slices, spec.temperature, triplets=triplets)
 
 
-def traced_axis_loss(feats, axis, offset_u, triplets, spec: PretrainSpec):
+def traced_axis_loss(feats, axis, offset_u, triplets, spec: PretrainConfig):
     """``axis_loss`` for a traced ``axis`` (0, 1 or 2): ``lax.switch`` picks the slicing, so one
     graph of the model serves all three axes."""
     branches = [lambda f, o, t, a=a: axis_loss(f, a, o, t, spec) for a in range(3)]
@@ -91,19 +75,17 @@ class PretrainStep:
 
 
 @functools.lru_cache(maxsize=None)
-def make_pretrain_step(model: UNETR, tx, spec: PretrainSpec, stage: str, multilabel: bool) -> PretrainStep:
+def make_pretrain_step(model: UNETR, tx, spec: PretrainConfig, stage: str, multilabel: bool) -> PretrainStep:
     """The pre-training step for ``stage`` ('encoder': enc4 features, 'decoder': decoder
     outputs). Batches carry ``image``, ``offset_u`` (3, P) and, for a sampled objective,
     ``triplets`` (3, K, 4) (see ``jaxseg.data.pretrain_dataset``). One per model, optimizer,
     spec and stage in a process: table1's seeds reuse one compiled step."""
-    L.get_objective(spec.objective)  # an unknown name fails here, before any compile
-    if spec.axis_mode not in ("sequential", "joint"):
-        raise ValueError(f"axis_mode must be 'sequential' or 'joint', got {spec.axis_mode!r}")
-    sampled = spec.objective in L.SAMPLED_OBJECTIVES
+    sampled = spec.objective in L.SAMPLED_OBJECTIVES  # (names and modes are the config's to validate)
     stage = pretraining_stage(stage)
 
-    def features(params, batch):
-        return stage_features(model, params, batch["image"], stage, spec.stage2_output, multilabel)
+    def features(params, batch, *fold):
+        return stage_features(model, params, batch["image"], stage, spec.stage2_output, multilabel,
+                              **dropout_rngs(batch, *fold))
 
     def triplets(batch, axis):
         if not sampled:
@@ -114,7 +96,8 @@ def make_pretrain_step(model: UNETR, tx, spec: PretrainSpec, stage: str, multila
         return batch["triplets"][axis]
 
     def one_axis(params, batch, axis):
-        return traced_axis_loss(features(params, batch), axis, batch["offset_u"][axis], triplets(batch, axis), spec)
+        return traced_axis_loss(features(params, batch, axis), axis, batch["offset_u"][axis], triplets(batch, axis),
+                                spec)
 
     def all_axes(params, batch):
         f = features(params, batch)

@@ -25,3 +25,15 @@ def make_train_step(loss_fn: Callable[..., jax.Array], tx: optax.GradientTransfo
         return TrainState(step=state.step + int(count_step), params=params, opt_state=opt_state), {"loss": loss}
 
     return step
+
+
+def dropout_rngs(batch: dict, *fold: Any) -> dict:
+    """``model.apply`` arguments for a training step: dropout on, keyed by the batch's ``rng``
+    (seed, step) and ``fold`` (an axis), when the pipeline sent one (a model with dropout);
+    else nothing (deterministic)."""
+    if "rng" not in batch:
+        return {}
+    key = jax.random.key(0)
+    for v in (batch["rng"][0], batch["rng"][1], *fold):
+        key = jax.random.fold_in(key, v)
+    return {"rngs": {"dropout": key}, "deterministic": False}

@@ -1,85 +1,20 @@
-"""The paper's Table 1 protocol, repeated over seeds: pre-train with each objective (timed to
-convergence, probed), fine-tune from none / each objective at each label budget, evaluate on the
-held-out test split, and report mean +- sd over seeds with the paired difference to ``none``.
-
-Seeds vary initialisation, the labelled subset, crops and augmentation; the data and the
-train / val / test split (``data_seed``) stay fixed, so every seed is scored on the same test
-cases and differences can be paired by (seed, case).
-"""
+"""Table 1's report: per (budget, init) the test metrics over seeds, the paired difference to no
+pre-training with an interval that resamples seeds AND test cases, the probe and convergence
+tables, table1.md, and the label-efficiency figure."""
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 import numpy as np
 
-from jaxseg.config import CHOICES, Config
-from jaxseg.errors import UserError
-from jaxseg.figures import plot_loss_curves
 from jaxseg.models.unetr import STAGES
-from jaxseg.distributed import is_primary, sole_writer
-from jaxseg.io import atomic_write_text
 from jaxseg.stats import crossed_bootstrap_ci, mean_sd
-from jaxseg.workflow import ensure_data, run_evaluation, run_finetuning, run_pretraining
 
 TABLE_METRICS = ("dice", "hd95")
 METRIC_LABELS = {"dice": "Dice", "hd95": "HD95 (mm)"}
 STAGE_NAMES = {"random_init": "random init", "encoder": "after stage 1 (encoder)", "decoder": "after stage 2 (decoder)"}
-
-
-def run_table1(cfg: Config, workdir: str | Path, objectives=("contrastive", "comparative"),
-               budgets=(2,), seeds: int = 1, progress: bool = True, overwrite: bool = False) -> dict:
-    """Returns and writes (``table1.json``, ``table1.md``, ``pretrain_loss.png``) every number.
-    A budget of 0 means all labelled training cases. Runs seed ``cfg.seed + k`` for k < ``seeds``
-    under ``workdir/seed<n>/``; budgets in the order given, each over every seed, so the first
-    budget's table is complete before the next one starts."""
-    with sole_writer(workdir):  # one table1 per work dir at a time
-        root = Path(workdir)
-        bad = [o for o in objectives if o not in CHOICES["objective"]]
-        if bad or any(b < 0 for b in budgets) or seeds < 1:
-            raise UserError(f"objectives must be among {CHOICES['objective']}, budgets >= 0 and seeds >= 1, got "
-                            f"{list(objectives)}, {list(budgets)} and {seeds}")
-        data = ensure_data(cfg, root, progress)  # validated and split once; every run below reuses it
-        seed_list = [cfg.seed + k for k in range(seeds)]
-        pre: dict[tuple[int, str], dict] = {}
-
-        def pretrained(seed: int, obj: str) -> dict:
-            if (seed, obj) not in pre:
-                _, pre[seed, obj] = run_pretraining(cfg.replace(seed=seed, objective=obj), root,
-                                                    out_name=f"seed{seed}/pretrain_{obj}", progress=progress,
-                                                    overwrite=overwrite, data=data)
-            return pre[seed, obj]
-
-        runs = []
-        for budget in budgets:
-            for seed in seed_list:
-                for init in ("none", *objectives):
-                    p = pretrained(seed, init) if init != "none" else None
-                    name = f"seed{seed}/finetune_{init}_{budget or 'all'}"
-                    params_path = None if p is None else root / f"seed{seed}/pretrain_{init}/params.msgpack"
-                    scfg = cfg.replace(seed=seed, label_budget=budget)
-                    _, ft = run_finetuning(scfg, root, init=params_path, out_name=name, progress=progress,
-                                           overwrite=overwrite, data=data)
-                    ev = run_evaluation(scfg, root, root / name / "best.msgpack", out_name=f"{name}/test",
-                                        progress=progress, overwrite=overwrite, data=data)
-                    runs.append({"seed": seed, "init": init, "budget": budget or "all", "labels": len(ft["label_cases"]),
-                                 "pretrain_s": p["train_s"] if p else 0.0, "pretrain_steps": p["steps"] if p else 0,
-                                 "best_val_dice": ft["best"]["val_dice"], "cases": ev["per_case"]})
-        result = {"config": cfg.flat(), "seeds": seed_list, "runs": runs, "rows": summary_rows(runs),
-                  "pretraining": {f"seed{s}/{o}": v for (s, o), v in pre.items()},
-                  "probe": probe_rows(pre), "convergence": convergence_rows(pre)}
-        if is_primary():
-            chance = {o: v["stages"][STAGES[0]].get("chance_loss") for (_, o), v in pre.items()}
-            plot_loss_curves({f"stage {k + 1} ({st})": {f"{o} seed {sd}": root / f"seed{sd}/pretrain_{o}" / st / "metrics.jsonl"
-                                                        for o in objectives for sd in seed_list}
-                              for k, st in enumerate(STAGES)}, root / "pretrain_loss.png",
-                             title=f"pre-training loss, {len(seed_list)} seed(s); dashed: the loss at chance",
-                             chance=chance)
-            atomic_write_text(root / "table1.json", json.dumps(result, indent=1, default=str))
-            atomic_write_text(root / "table1.md", report_markdown(result))
-        return result
 
 
 def _case_values(run: dict, cls: str, metric: str) -> dict[str, float]:
@@ -101,12 +36,20 @@ def summary_rows(runs: list[dict]) -> list[dict]:
             for metric in TABLE_METRICS:
                 per_seed = [mean_sd(list(_case_values(r, cls, metric).values()))[0] for r in mine]
                 row["metrics"][cls][metric] = mean_sd(per_seed)
+            row.setdefault("dice_ci", {})[cls] = mean_interval(mine, cls)
             if init != "none":
                 row["paired_dice"][cls] = paired_difference(mine, [
                     next(b for b in runs if (b["budget"], b["init"], b["seed"]) == (budget, "none", r["seed"]))
                     for r in mine], cls)
         rows.append(row)
     return rows
+
+
+def mean_interval(runs: list[dict], cls: str, metric: str = "dice") -> dict:
+    """The mean of ``metric`` over seeds x test cases and its 95% interval resampling both."""
+    cases = sorted(runs[0]["cases"])
+    mean, low, high = crossed_bootstrap_ci([[_case_values(r, cls, metric)[c] for c in cases] for r in runs])
+    return {"mean": mean, "low": low, "high": high, "seeds": len(runs), "cases": len(cases)}
 
 
 def paired_difference(runs: list[dict], baselines: list[dict], cls: str, metric: str = "dice") -> dict:
@@ -192,6 +135,7 @@ def report_markdown(result: dict) -> str:
                 f"case by case) over {unit}, with a 95% percentile bootstrap interval that resamples seeds and "
                 f"test cases both; the last column is each seed's mean difference. An interval that contains 0 "
                 f"shows no difference at this size; with few seeds the interval itself is rough.", ""]
+    out += label_efficiency_markdown(rows)
     if result["probe"]:
         chance = result["probe"][0]["chance"]
         out += [f"## Representation probe (held-out volumes; linear probe of the partition of a slice from pooled "
@@ -218,3 +162,36 @@ def report_markdown(result: dict) -> str:
                     "(comparative: ln 2; contrastive: ln P); a stage within 2% of chance (or above it) did not learn.",
                 ""]
     return "\n".join(out) + "\n"
+
+
+def label_efficiency_markdown(rows: list[dict]) -> list[str]:
+    """With more than one label budget: test Dice against the number of labelled cases, one
+    column per start, with its interval over seeds x test cases (the rows of the figure)."""
+    labels = sorted({r["labels"] for r in rows})
+    if len(labels) < 2:
+        return []
+    inits = list(dict.fromkeys(r["init"] for r in rows))
+    out = []
+    for cls in rows[0].get("dice_ci", {}):
+        out += [f"## Label efficiency: {cls} test Dice against labelled cases (mean over seeds × test cases, "
+                f"95% interval resampling both)", "", "| labelled cases | " + " | ".join(inits) + " |",
+                "|---" * (1 + len(inits)) + "|"]
+        for n in labels:
+            cells = []
+            for init in inits:
+                ci = next((r["dice_ci"][cls] for r in rows if r["labels"] == n and r["init"] == init), None)
+                cells.append("-" if ci is None else f"{_fmt(ci['mean'])} [{_fmt(ci['low'])}, {_fmt(ci['high'])}]")
+            out.append(f"| {n} | " + " | ".join(cells) + " |")
+        out.append("")
+    return out
+
+
+def label_efficiency_png(rows: list[dict], path: str | Path) -> bool:
+    """``label_efficiency.png``: test Dice (mean, 95% interval over seeds x test cases) against
+    labelled cases, one line per start, one panel per class; drawn only with several budgets."""
+    if len({r["labels"] for r in rows}) < 2:
+        return False
+    from jaxseg.figures import plot_label_efficiency
+
+    plot_label_efficiency(rows, path)
+    return True
