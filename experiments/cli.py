@@ -23,6 +23,8 @@ flags.DEFINE_bool("verbose", False, "show the full traceback of a user error")
 def _fail(message: str, code: int) -> None:
     distributed.leaving()  # one line from this process: its own, not a watchdog's about a peer
     print(message, file=sys.stderr, flush=True)
+    if not flags.FLAGS.verbose:  # what libraries print while tearing down (a full disk's retries) says no more
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stderr.fileno())
     if distributed.multi_process():
         # The others would wait for this process at their next barrier: tell them, and skip
         # jax.distributed's shutdown, which waits for every process. Process 0 hosts the store

@@ -359,12 +359,11 @@ def test_no_readable_checkpoint_is_one_error_naming_the_folder(tmp_path):
         _toy_loop(tmp_path, lambda k: 1.0, 6, ckpt_every=2)
 
 
-def test_a_checkpoint_of_another_process_count_is_named_as_such(tmp_path):
-    _toy_loop(tmp_path, lambda k: 1.0, 2, ckpt_every=2)
-    data = tmp_path / "checkpoints" / "2" / "data"
-    (data / "process_0-of-1.json").rename(data / "process_0-of-2.json")
-    with pytest.raises(UserError, match="written by a run of 2 process\\(es\\); resume it with that many \\(this run has 1\\)"):
-        _toy_loop(tmp_path, lambda k: 1.0, 4, ckpt_every=2)
+def test_a_checkpoint_keeps_the_input_position_in_its_json_not_in_per_process_files(tmp_path):
+    _toy_loop(tmp_path, lambda k: 1.0, 3, ckpt_every=2)
+    step = tmp_path / "checkpoints" / "3"
+    assert json.loads((step / "extra" / "metadata").read_text())["input"] == {"next_index": 3}
+    assert not (step / "data").exists()
 
 
 def _fill_disk_run(workdir):

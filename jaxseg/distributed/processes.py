@@ -212,6 +212,9 @@ def allgather_json(obj) -> list:
         return [json.loads(data)]
     from jax.experimental import multihost_utils
 
+    # Processes may arrive minutes apart (uneven shares of large cases); CPU collectives wait 30 s
+    # for their peers when they first meet, a coordination-service barrier as long as it takes.
+    barrier("allgather")
     sizes = np.asarray(multihost_utils.process_allgather(np.array([len(data)], np.int64))).reshape(-1)
     buf = np.zeros(int(sizes.max()), np.uint8)
     buf[:len(data)] = np.frombuffer(data, np.uint8)

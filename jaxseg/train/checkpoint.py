@@ -1,5 +1,6 @@
-"""Checkpoints: orbax ``CheckpointManager`` holding the train state, the grain iterator state
-and a small JSON of run metadata together. Orbax writes each step to a temporary folder and
+"""Checkpoints: orbax ``CheckpointManager`` holding the train state and a small JSON of run
+metadata together, the input's position among it (``DeviceFeed.position``: the next step's
+index, the same on every process, so no per-process files). Orbax writes each step to a temporary folder and
 renames it when complete, so a killed save never replaces the last good checkpoint.
 
 Two formats on purpose: resumable training state is an orbax checkpoint (several items, kept
@@ -13,6 +14,7 @@ reads back without orbax. ``jaxseg.load_model`` reads them.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
 import sys
@@ -20,7 +22,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import grain
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
@@ -39,9 +40,38 @@ def check_workdir(workdir: str | Path, min_free_bytes: int = 200 * 2**20) -> Pat
     return path
 
 
+def _drop_closed_loop_noise(hook):
+    """``sys.excepthook`` less one kind of noise: after a failed orbax save or restore, tensorstore
+    completes the remaining writes on its own threads and calls back into asyncio loops orbax has
+    closed; each prints a traceback ('Event loop is closed') that says nothing about the fault,
+    which the run reports in one line."""
+    def excepthook(kind, value, tb):
+        if kind is RuntimeError and str(value) == "Event loop is closed":
+            return
+        hook(kind, value, tb)
+
+    excepthook.jaxseg_filter = True
+    return excepthook
+
+
+@contextlib.contextmanager
+def _quiet_orbax():
+    """orbax logs the exception of every failed write at ERROR with its traceback (hundreds of
+    lines on a full disk); the run reports the fault itself, in one line."""
+    logger = logging.getLogger("absl")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 class Checkpointer:
     def __init__(self, directory: str | Path, max_to_keep: int = 2):
         self.directory = Path(directory).absolute()
+        if not getattr(sys.excepthook, "jaxseg_filter", False):
+            sys.excepthook = _drop_closed_loop_noise(sys.excepthook)
         try:
             self.manager = ocp.CheckpointManager(
                 self.directory,
@@ -57,22 +87,26 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
-    def save(self, step: int, state: Any, data_iter: Any | None, extra: dict) -> None:
+    def save(self, step: int, state: Any, feed: Any | None, extra: dict) -> None:
+        """Save ``state``, ``extra`` and ``feed``'s position at ``step``, waiting until it is on disk."""
+        extra = {**extra, "input": feed.position()} if feed is not None else extra
         items = {"state": ocp.args.StandardSave(state), "extra": ocp.args.JsonSave(extra)}
-        if data_iter is not None:
-            items["data"] = grain.checkpoint.CheckpointSave(data_iter)
         if not self.directory.parent.is_dir():  # orbax would make it anew, and the run's metrics are gone with it
             raise UserError(f"{self.directory.parent}: the folder vanished during training (its checkpoints and "
                             f"metrics with it); rerun the same command to start again")
         last = self.latest_step()
         try:
-            self.manager.save(step, args=ocp.args.Composite(**items), force=True)
-            self.manager.wait_until_finished()
+            with _quiet_orbax():
+                self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+                self.manager.wait_until_finished()
         except Exception as e:  # noqa: BLE001 - orbax / tensorstore bury the OS error in their own
             fault = disk_fault(e, self.directory)
             if fault is None:
                 raise
             self._remove_temporaries()
+            if not self.directory.is_dir():
+                raise UserError(f"{self.directory}: {fault} while saving the checkpoint of step {step}, and the "
+                                f"earlier checkpoints with it; rerun the same command to start again") from None
             raise UserError(f"{self.directory}: {fault} while saving the checkpoint of step {step}; the last good "
                             f"checkpoint is {'step ' + str(last) if last is not None else 'none'}. Fix that and "
                             f"rerun the same command to resume") from None
@@ -81,8 +115,8 @@ class Checkpointer:
         for tmp in self.directory.glob("*.orbax-checkpoint-tmp*"):
             shutil.rmtree(tmp, ignore_errors=True)
 
-    def restore(self, state_template: Any, data_iter: Any | None):
-        """(state, extra) from the newest readable step, restoring ``data_iter`` in place; None
+    def restore(self, state_template: Any, feed: Any | None):
+        """(state, extra) from the newest readable step, moving ``feed`` to its position; None
         when there is no checkpoint. A step that cannot be read (truncated, garbage, metadata
         gone) is reported in one line and set aside (renamed ``damaged-<step>-<time>``, never
         deleted), and the next older one is tried; none readable is a ``UserError`` naming the
@@ -91,14 +125,12 @@ class Checkpointer:
         steps = sorted(self.manager.all_steps(), reverse=True)
         if not steps:
             return None
-        self._check_process_count(steps[0], data_iter)
         abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, state_template)
         for i, step in enumerate(steps):
             items = {"state": ocp.args.StandardRestore(abstract), "extra": ocp.args.JsonRestore()}
-            if data_iter is not None:
-                items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
             try:
-                out = self.manager.restore(step, args=ocp.args.Composite(**items))
+                with _quiet_orbax():
+                    out = self.manager.restore(step, args=ocp.args.Composite(**items))
                 _check_finite(out["state"])
             except Exception as e:  # noqa: BLE001 - every kind of damage: cut files, garbage, lost metadata
                 reason = first_line(e, 160)
@@ -114,20 +146,11 @@ class Checkpointer:
                     with contextlib.suppress(OSError):
                         os.rename(self.directory / str(bad), self.directory / f"damaged-{bad}-{int(time.time())}")
                 self.manager.reload()
+            if feed is not None:
+                feed.seek(out["extra"]["input"])
             return out["state"], out["extra"]
         raise UserError(f"{self.directory}: no readable checkpoint (steps {', '.join(map(str, steps))} cannot be "
                         f"read); move the folder away to start this stage over")
-
-    def _check_process_count(self, step: int, data_iter: Any | None) -> None:
-        """grain keeps one iterator state per process: a checkpoint of M processes resumes with M."""
-        data = self.directory / str(step) / "data"
-        n = jax.process_count()
-        if data_iter is None or not data.is_dir() or (data / f"process_{jax.process_index()}-of-{n}.json").is_file():
-            return
-        counts = sorted({f.name.split("-of-")[-1].removesuffix(".json") for f in data.glob("process_*-of-*.json")})
-        if counts:
-            raise UserError(f"{self.directory}: checkpoint step {step} was written by a run of {' or '.join(counts)} "
-                            f"process(es); resume it with that many (this run has {n})")
 
     def close(self) -> None:
         if not getattr(self, "closed", False):

@@ -25,7 +25,7 @@ from typing import Any, Callable, Sequence
 
 import jax
 
-from jaxseg.distributed import Preempted, StopRequest, is_primary
+from jaxseg.distributed import Preempted, StopRequest, barrier, is_primary, multi_process
 from jaxseg.errors import UserError
 from jaxseg.io import atomic_write_text, disk_fault
 from jaxseg.train.checkpoint import Checkpointer
@@ -57,6 +57,7 @@ class Clock:
 
     def __init__(self, prior_train_s: float = 0.0):
         self.prior = prior_train_s
+        self.ahead_s = 0.0  # compiled before the first step (multi-process)
         self.start = self.mark = time.perf_counter()
         self.first_step_s: float | None = None
         self.step_times: list[float] = []
@@ -78,13 +79,14 @@ class Clock:
         return interval
 
     @property
-    def compile_s(self) -> float:  # the first step's time less a typical step
+    def compile_s(self) -> float:  # compiled ahead, and the first step's time less a typical step
         if self.first_step_s is None:
-            return 0.0
-        return max(self.first_step_s - statistics.median(self.step_times), 0.0) if self.step_times else self.first_step_s
+            return self.ahead_s
+        first = max(self.first_step_s - statistics.median(self.step_times), 0.0) if self.step_times else self.first_step_s
+        return self.ahead_s + first
 
     def train_s(self) -> float:
-        return self.prior + (self.first_step_s or 0.0) + sum(self.step_times) - self.compile_s
+        return self.prior + (self.first_step_s or 0.0) + sum(self.step_times) - (self.compile_s - self.ahead_s)
 
     def summary(self, crops_per_step: int) -> dict:
         med = statistics.median(self.step_times) if self.step_times else None
@@ -95,10 +97,10 @@ class Clock:
 
 
 class DeviceFeed:
-    """Batches moved to the device (``put``) ``ahead`` steps before they are used. Its iterator
-    state (what checkpoints save, through grain's handler) is the host iterator's state right
-    after the last batch handed out, so a resumed run starts at the first batch not trained on,
-    whatever sits in the queue."""
+    """Batches moved to the device (``put``) ``ahead`` steps before they are used. Its
+    ``position`` (what checkpoints keep) is the host iterator's state right after the last
+    batch handed out, so a resumed run starts at the first batch not trained on, whatever sits in
+    the queue."""
 
     def __init__(self, host_iter: Any, put: Callable[[dict], Any], ahead: int = 2):
         self.it, self.put, self.ahead = host_iter, put, ahead
@@ -120,17 +122,19 @@ class DeviceFeed:
             host = next(self.it)
             self.queue.append((self.it.get_state(), self.put(host)))
 
-    def get_state(self) -> bytes:
-        return json.dumps(self.state).encode()
+    def peek(self) -> Any:
+        """The next batch, on the device, without handing it out."""
+        self.top_up()
+        return self.queue[0][1]
 
-    def set_state(self, state: bytes) -> None:
+    def position(self) -> dict:
+        """Where the input stands (grain's ``{'next_index': k}``: a function of the step alone)."""
+        return dict(self.state)
+
+    def seek(self, position: dict) -> None:
         self.queue.clear()
-        self.state = json.loads(state)
+        self.state = dict(position)
         self.it.set_state(self.state)
-
-    def start_prefetch(self) -> None:  # grain's checkpoint handler calls this after a restore
-        if hasattr(self.it, "start_prefetch"):
-            self.it.start_prefetch()
 
 
 def run_loop(run: Run, state: Any, step_fn: Callable, feed: "DeviceFeed",
@@ -161,11 +165,13 @@ def run_loop(run: Run, state: Any, step_fn: Callable, feed: "DeviceFeed",
 
         hooks = [*hooks, log, Checkpoints(ckpt, feed, run.ckpt_every, run.num_steps, log, extras)]
         for h in hooks:
-            stack.callback(h.close)
+            stack.push(_closer(h))
             h.restore(extra)
         clock = Clock(float(extra.get("train_s", 0.0)))
         # a run that stopped early (converged, early-stopped) is done; older checkpoints kept converged_at
         done = step >= run.num_steps or bool(extra.get("stopped") or extra.get("converged_at") is not None)
+        if multi_process() and not done:
+            step_fn = compiled_together(step_fn, state, feed.peek(), run.name, clock)
 
         def finish(k: int, metrics: dict, data_wait: float, synced: Any | None) -> None:
             """Step ``k``'s bookkeeping from values brought to the host once; ``synced``: its train
@@ -215,6 +221,35 @@ def run_loop(run: Run, state: Any, step_fn: Callable, feed: "DeviceFeed",
     if is_primary():
         atomic_write_text(workdir / f"{run.name}_summary.json", json.dumps(summary, indent=1))
     return state, summary
+
+
+def compiled_together(step_fn: Callable, state: Any, batch: Any, name: str, clock: "Clock") -> Callable:
+    """``step_fn`` compiled ahead of time on every process, which then wait for each other: a
+    process that loads the program from the compilation cache must not start the first step's
+    collectives while another still compiles (CPU collectives give up on a peer after 30 s). The
+    compile time counts as ``compile_s``."""
+    t0 = time.perf_counter()
+    if hasattr(step_fn, "compiled"):  # a pre-training step: its update, compiled once for the three axes
+        step_fn, _ = step_fn.compiled(state, batch)
+    else:
+        step_fn = step_fn.lower(state, batch).compile()
+    clock.ahead_s += time.perf_counter() - t0
+    barrier(f"compiled {name}")
+    return step_fn
+
+
+def _closer(hook: Hook):
+    """An exit callback that closes ``hook``, and keeps quiet about a failure to close while the
+    run is already failing (a full disk must not hide the one line that names it)."""
+    def close(exc_type, exc, tb) -> bool:
+        try:
+            hook.close()
+        except Exception:  # noqa: BLE001
+            if exc_type is None:
+                raise
+        return False
+
+    return close
 
 
 @contextlib.contextmanager

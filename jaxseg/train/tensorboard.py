@@ -7,12 +7,26 @@ TensorFlow or torch dependency); without it, or on processes other than 0, a sil
 from __future__ import annotations
 
 import math
+import threading
 import warnings
 from pathlib import Path
 
 import numpy as np
 
 from jaxseg.distributed import is_primary
+
+
+def _quiet_tensorboard_threads(hook):
+    """``threading.excepthook`` less tensorboardX's writer threads dying of a disk fault: TensorBoard
+    is a view (metrics.jsonl is the record), and the run names the fault when it reaches its own
+    files, in one line."""
+    def excepthook(args):
+        if isinstance(args.exc_value, OSError) and type(args.thread).__module__.startswith("tensorboardX"):
+            return
+        hook(args)
+
+    excepthook.jaxseg_filter = True
+    return excepthook
 
 
 class Board:
@@ -26,6 +40,8 @@ class Board:
             warnings.warn("tensorboardX is not installed (pip install 'jaxseg[tensorboard]'): "
                           "no TensorBoard logs, metrics.jsonl only", stacklevel=2)
             return
+        if not getattr(threading.excepthook, "jaxseg_filter", False):
+            threading.excepthook = _quiet_tensorboard_threads(threading.excepthook)
         self.writer = SummaryWriter(str(logdir))
 
     def scalars(self, step: int, values: dict) -> None:
@@ -40,6 +56,11 @@ class Board:
             self.writer.add_image(tag, rgb, step, dataformats="HWC")
 
     def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-            self.writer = None
+        if self.writer is None:
+            return
+        writer, self.writer = self.writer, None
+        try:
+            writer.close()
+        except OSError:  # a full or vanished disk: give up the view, and tell tensorboardX's atexit not to retry
+            for w in getattr(writer, "all_writers", {}).values():
+                w.event_writer._closed = True
