@@ -31,7 +31,7 @@ from jaxseg.data import Cache, load_dataset_json, make_iterator, prepare, pretra
     write_phantom_dataset
 from jaxseg.models import STAGES, init_params, unetr_from_preset
 from jaxseg.models.flops import pretrain_step_cost
-from jaxseg.train.loop import converged
+from jaxseg.train.hooks import converged
 from jaxseg.train.pretrain import make_pretrain_step, pretrain_state
 
 FLAGS = flags.FLAGS

@@ -21,8 +21,9 @@ if [ "${JAXSEG_BENCH_SIZE:-paper}" = tiny ]; then
   # Toy sizes; the MONAI side (12 layers) only where it is cheap to compile on a CPU.
   MODEL="--model=tiny --img_size=32 --batch=2 --steps=2 --warmup=0 --dtypes=float32 --torch_dtypes=float32 \
          --kinds=train_step"
-  PRE="--config=tiny --crop_size=32 --steps=1 --warmup=0 --dtype=float32 --objectives=comparative \
-       --stages=encoder --against=none"
+  # The sampled objective from grain batches too: the rows the paper-size run leaves out.
+  PRE="--config=tiny --crop_size=32 --steps=1 --warmup=0 --dtype=float32 --objectives=comparative_sampled \
+       --stages=encoder --against=none --sources=device,pipeline"
   INF="--model=tiny --roi=32 --cases=spleen:40x36x32x1x2 --repeats=1 --dtype=float32 --torch_dtypes=float32"
   LOSS="--partitions=4 --images=4 --stages=enc4 --steps=1"
   T_MODEL=300 T_PRE=300 T_INF=120 T_LOSS=120

@@ -70,8 +70,10 @@ def test_gpu_script_runs_at_toy_size_on_cpu(tmp_path):
     assert any(r.get("framework") == "monai" for r in model["rows"])  # the reference ran beside jaxseg
     assert any("ratio" in r and r["median"] > 0 for r in model["rows"])
     pre = json.loads((out / "pretrain.json").read_text())
-    assert [r["stage"] for r in pre["rows"]] == ["encoder"]
-    assert all(r["flops"] > 0 and r["compile_s"] > 0 for r in pre["rows"])
+    # sampled triplets, on device and from the grain pipeline
+    assert [(r["stage"], r["objective"], r["source"]) for r in pre["rows"]] == [
+        ("encoder", "comparative_sampled", "device"), ("encoder", "comparative_sampled", "pipeline")]
+    assert all(r["median_s"] > 0 and r["flops"] > 0 for r in pre["rows"]) and pre["rows"][0]["compile_s"] > 0
     inf = json.loads((out / "inference.json").read_text())
     assert inf["rows"][0]["monai"] and max(m["max_rel_diff"] for m in inf["rows"][0]["monai"].values()) < 1e-4
     summary = (out / "summary.md").read_text()

@@ -349,3 +349,16 @@ cli.run(main)
     assert time.monotonic() - t0 < 60
     assert rc1 == 1 and "boom on one host" in out1
     assert rc0 == 3 and "process 1 of 2 stopped: error: crashed (RuntimeError: boom on one host)" in out0, out0
+
+
+def test_the_jax_shim_still_finds_the_coordination_client():
+    """jaxseg's one use of JAX's private modules (jaxseg/distributed/jax_shim.py): if a JAX release
+    moves the coordination-service client, this fails here, not in a multi-host run."""
+    from jax._src import distributed as jd
+
+    from jaxseg.distributed import jax_shim
+
+    assert hasattr(jd, "global_state") and hasattr(jd.global_state, "client")
+    assert jax_shim.client() is None  # this process never joined a multi-process run
+    for method in ("key_value_set", "blocking_key_value_get", "wait_at_barrier", "key_value_dir_get"):
+        assert hasattr(jd._jax.DistributedRuntimeClient, method), method
