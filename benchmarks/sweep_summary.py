@@ -30,11 +30,20 @@ def _mm(spacing) -> str:
     return f"{spacing[0]:g}" if len(set(spacing)) == 1 else "x".join(f"{v:g}" for v in spacing)
 
 
+def _augment(cfg) -> str:
+    """Pre-training augmentation, for runs that record it (since 2026-12-02)."""
+    if "pretrain_augment" not in cfg:
+        return ""
+    return (f"pre-training flips {cfg['pretrain_flip_prob']:g} / rot90 {cfg['pretrain_rot90_prob']:g} "
+            f"{cfg['pretrain_augment']}, ")
+
+
 def rows(folder: Path) -> list[str]:
     res = json.loads((folder / "table1.json").read_text())
     cfg = res["config"]
     label = (f"{cfg['crop_size']}^3 at {_mm(cfg['target_spacing'])} mm, T={cfg['temperature']}, stage 2 on "
              f"{cfg['stage2_output']}, min_steps={cfg['min_steps']}, "
+             f"{_augment(cfg)}"
              f"{cfg['phantom'] if not cfg['data_dir'] else Path(cfg['data_dir']).name}")
     out = []
     none_val = _mean([r["best_val_dice"] for r in res["runs"] if r["init"] == "none"])

@@ -200,6 +200,7 @@ def run_pretraining(cfg: Config, workdir: str | Path, out_name: str = "pretrain"
                               for k, s in enumerate(summaries)}, job.out / "pretrain_loss.png",
                              title=f"pre-training loss ({p.objective}, seed {cfg.seed})",
                              chance={p.objective: summaries[STAGES[0]].get("chance_loss")})
+        barrier("pretrain done")  # params.msgpack is on disk before any process reads it (table1's --init)
         return params, total
 
 

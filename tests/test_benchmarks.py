@@ -54,6 +54,7 @@ def test_flop_count_structure():
     assert roofline_s(c, 989e12, 4.8e12) == max(c.flops / 989e12, c.bytes / 4.8e12)
 
 
+@pytest.mark.slow
 def test_gpu_script_runs_at_toy_size_on_cpu(tmp_path):
     """benchmarks/run_gpu.sh with JAXSEG_BENCH_SIZE=tiny: every part writes its JSON, the summary
     has every section, and no more files come back than the device tool returns (8)."""

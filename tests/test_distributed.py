@@ -22,6 +22,8 @@ from jaxseg.errors import UserError
 
 from tests.runs import ROOT, TINY_TABLE1, cpu_env
 
+pytestmark = pytest.mark.slow  # every test here starts processes
+
 # Tiny pre-training, long enough to be interrupted mid-stage; a checkpoint every 8 steps (each
 # costs more than a tiny step), and one when preempted. The same pre-training as table1's (TINY_TABLE1).
 PRETRAIN = ["--config=tiny", "--noprogress", "--phantom_subjects=6", "--stage1_steps=16", "--stage2_steps=3",

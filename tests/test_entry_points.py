@@ -8,6 +8,9 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
+
+pytestmark = pytest.mark.slow  # every test here runs entry points as subprocesses
 
 ROOT = Path(__file__).resolve().parents[1]
 
