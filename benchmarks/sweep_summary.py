@@ -32,10 +32,13 @@ def _mm(spacing) -> str:
 
 def _augment(cfg) -> str:
     """Pre-training augmentation, for runs that record it (since 2026-12-02)."""
-    if "pretrain_augment" not in cfg:
+    mode = cfg.get("pretrain_augment")
+    if mode is None:
         return ""
-    return (f"pre-training flips {cfg['pretrain_flip_prob']:g} / rot90 {cfg['pretrain_rot90_prob']:g} "
-            f"{cfg['pretrain_augment']}, ")
+    if mode == "none":  # the flip and rot90 probabilities are not used
+        return "pre-training augment none, "
+    return (f"pre-training augment {mode} (flips {cfg['pretrain_flip_prob']:g}, "
+            f"rot90 {cfg['pretrain_rot90_prob']:g}), ")
 
 
 def rows(folder: Path) -> list[str]:

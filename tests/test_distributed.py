@@ -22,7 +22,7 @@ from jaxseg.errors import UserError
 
 from tests.runs import ROOT, TINY_TABLE1, cpu_env
 
-pytestmark = pytest.mark.slow  # every test here starts processes
+pytestmark = pytest.mark.slow  # the tests here start processes (the JAX shim check aside, a second)
 
 # Tiny pre-training, long enough to be interrupted mid-stage; a checkpoint every 8 steps (each
 # costs more than a tiny step), and one when preempted. The same pre-training as table1's (TINY_TABLE1).
