@@ -4,7 +4,7 @@ import os
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-# The tiny Table 1 protocol the 1- and 2-process runs share. Pre-training as tests/test_distributed.py's
+# The tiny Table 1 protocol the 1- and 2-process runs share. Pre-training as tests/distributed/test_distributed.py's
 # PRETRAIN (16 + 3 steps, comparative, a checkpoint every 8): its 2-process run is also the
 # uninterrupted reference that a preempted and killed pre-training must equal.
 TINY_TABLE1 = ["--config=tiny", "--noprogress", "--phantom_subjects=6", "--objectives=comparative",

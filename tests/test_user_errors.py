@@ -19,7 +19,7 @@ from jaxseg.data.cache import prepared_cache
 from jaxseg.errors import UserError
 from jaxseg.run_settings import SETTINGS_FILE, claim_output_dir
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.runs import ROOT
 
 
 @pytest.mark.parametrize("overrides, field", [

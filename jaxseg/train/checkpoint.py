@@ -90,7 +90,7 @@ class Checkpointer:
     def save(self, step: int, state: Any, feed: Any | None, extra: dict) -> None:
         """Save ``state``, ``extra`` and ``feed``'s position at ``step``, waiting until it is on disk."""
         extra = {**extra, "input": feed.position()} if feed is not None else extra
-        items = {"state": ocp.args.StandardSave(state), "extra": ocp.args.JsonSave(extra)}
+        items = {"state": ocp.args.StandardSave(_replicated_to_host(state)), "extra": ocp.args.JsonSave(extra)}
         if not self.directory.parent.is_dir():  # orbax would make it anew, and the run's metrics are gone with it
             raise UserError(f"{self.directory.parent}: the folder vanished during training (its checkpoints and "
                             f"metrics with it); rerun the same command to start again")
@@ -156,6 +156,18 @@ class Checkpointer:
         if not getattr(self, "closed", False):
             self.closed = True
             self.manager.close()
+
+
+def _replicated_to_host(tree: Any) -> Any:
+    """Replicated device arrays (the data-parallel train state) as NumPy arrays, which orbax writes
+    from process 0 alone. Handed jax arrays, orbax compiles a slicing program per array shape to
+    fetch one replica: 7.6 s on the first save of the tiny UNETR's state on 4 CPU devices, against
+    0.2 s this way. Sharded arrays are left to orbax. Restoring into the device template is unchanged."""
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    idx = [i for i, x in enumerate(leaves) if isinstance(x, jax.Array) and x.is_fully_replicated]
+    for i, host in zip(idx, jax.device_get([leaves[i] for i in idx])):
+        leaves[i] = host
+    return jax.tree_util.tree_unflatten(treedef, leaves)
 
 
 def _check_finite(state: Any) -> None:

@@ -13,7 +13,7 @@ import pytest
 from jaxseg.models import UNETR, init_params, unetr_from_preset
 from jaxseg.models.flops import layer_costs, pretrain_step_cost, roofline_s, unetr_cost, unetr_flops
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.runs import ROOT
 
 
 def _xla_flops(fn, *args) -> float:

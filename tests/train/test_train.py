@@ -25,7 +25,7 @@ from jaxseg.models import init_params
 from jaxseg.workflow import make_model
 from jaxseg.train.sharding import data_mesh, replicate, shard_batch
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.runs import ROOT
 CFG = get_config("tiny")
 
 

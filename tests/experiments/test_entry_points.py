@@ -1,5 +1,5 @@
 """Entry points and benchmark scripts run end to end at a tiny size (smoke tests, no timings asserted).
-The model-step, inference and loss-scaling benchmarks run in tests/test_benchmarks.py (run_gpu.sh at toy size)."""
+The model-step, inference and loss-scaling benchmarks run in tests/benchmarks/test_benchmarks.py (run_gpu.sh at toy size)."""
 
 import json
 import os
@@ -12,7 +12,7 @@ import pytest
 
 pytestmark = pytest.mark.slow  # every test here runs entry points as subprocesses
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.runs import ROOT
 
 
 def run_module(module, *args, timeout=600, rc=0):
@@ -261,7 +261,7 @@ def test_table1_main_job_tiny(table1_one_process, tmp_path):
 
 
 def test_pretrain_throughput_convergence(tmp_path):
-    """Time to convergence of both objectives (the step rows run in tests/test_benchmarks.py)."""
+    """Time to convergence of both objectives (the step rows run in tests/benchmarks/test_benchmarks.py)."""
     path = tmp_path / "conv.json"
     run_module("benchmarks.pretrain_throughput", "--mode=convergence", "--config=tiny", "--max_steps=4",
                f"--workdir={tmp_path / 'w'}", f"--json_out={path}")
