@@ -31,7 +31,7 @@ AT_LEAST_ONE = ("crop_size", "phantom_subjects", "data_threads", "sampled_triple
                 "crops_per_volume", "stage1_steps", "stage2_steps", "convergence_window", "finetune_steps",
                 "finetune_volumes_per_step", "finetune_crops_per_volume", "eval_every", "sw_batch_size", "ckpt_every")
 # Settings that change no result (where the cache lives: its digest is recorded instead).
-NO_RESULT_FIELDS = ("data_threads", "ckpt_every", "sw_batch_size", "cache_dir")
+NO_RESULT_FIELDS = ("data_threads", "ckpt_every", "sw_batch_size", "cache_dir", "profile_steps")
 # The config groups each job's result depends on, beside model, data and the top-level settings
 # (kept with its outputs, see jaxseg.run_settings).
 JOB_GROUPS = {"pretrain": ("pretrain",), "finetune": ("finetune", "eval"), "evaluate": ("eval",)}
@@ -121,7 +121,7 @@ _RENAMED = {("model", "size"): "model", ("data", "dir"): "data_dir", ("data", "s
             ("pretrain", "augment"): "pretrain_augment"}
 FLAT_NAMES: dict[str, tuple[str, str] | tuple[str]] = {
     **{_RENAMED.get((g, f.name), f.name): (g, f.name) for g, cls in GROUPS.items() for f in dataclasses.fields(cls)},
-    **{n: (n,) for n in ("seed", "lr", "weight_decay", "ckpt_every")},
+    **{n: (n,) for n in ("seed", "lr", "weight_decay", "ckpt_every", "profile_steps")},
 }
 
 
@@ -140,6 +140,7 @@ class Config:
     lr: float = 1e-4
     weight_decay: float = 1e-5
     ckpt_every: int = 100
+    profile_steps: str = ""  # 'FIRST:LAST': a jax.profiler trace of those steps of every training stage ('' off)
 
     def __post_init__(self):
         problems = config_problems(self.flat())
@@ -188,6 +189,20 @@ def spacing(value) -> tuple[float, ...]:
     return out * 3 if len(out) == 1 else out
 
 
+def profile_range(text: str) -> tuple[int, int] | None:
+    """``--profile_steps`` as (first, last) steps, or None when off; ValueError when malformed.
+    The first step is compilation, so a trace starts at step 2 at the earliest."""
+    if not text:
+        return None
+    try:
+        first, last = (int(v) for v in text.split(":"))
+    except ValueError:
+        raise ValueError(f"profile_steps must be FIRST:LAST (two step numbers, say 5:8), got {text!r}") from None
+    if not 2 <= first <= last:
+        raise ValueError(f"profile_steps must have 2 <= FIRST <= LAST (step 1 is compilation), got {text!r}")
+    return first, last
+
+
 def job_settings(c: Config, job: str) -> dict:
     """The settings (flat names) that the result of ``job`` ('pretrain', 'finetune', 'evaluate')
     depends on: every setting outside the job-specific groups, and those of its own groups."""
@@ -222,6 +237,10 @@ def config_problems(flat: dict) -> list[str]:
             out.append(f"{k} must be >= 0, got {flat[k]}")
     probs = [k for k in FLAT_NAMES if k.endswith("_prob") or k in ("dropout_rate", "pos_fraction")]
     out += [f"{k} must be in [0, 1], got {flat[k]}" for k in probs if not 0 <= flat[k] <= 1]
+    try:
+        profile_range(c.profile_steps)
+    except ValueError as e:
+        out.append(str(e))
     if c.patience < 0:
         out.append(f"patience must be >= 0 (0: no early stopping), got {c.patience}")
     if not 0 <= c.overlap < 1:

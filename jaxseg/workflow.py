@@ -16,7 +16,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxseg.config import Config, job_settings
+from jaxseg.config import Config, job_settings, profile_range
 from jaxseg.data import (Cache, Task, finetune_dataset, labelled_subset, load_dataset_json, make_iterator,
                          pretrain_dataset, split_cases, write_phantom_dataset)
 from jaxseg.data.cache import INDEX, prepared_cache
@@ -181,7 +181,7 @@ def run_pretraining(cfg: Config, workdir: str | Path, out_name: str = "pretrain"
             ds = pretrain_dataset(job.cache, job.split["train"], cfg, seed=cfg.seed * 1000 + stage_idx,
                                   shard=host_shard())
             run = Run(f"pretrain_{stage}", job.out / stage, steps, cfg.ckpt_every,
-                      p.volumes_per_step * p.crops_per_volume, progress, cfg.lr)
+                      p.volumes_per_step * p.crops_per_volume, progress, cfg.lr, profile_range(cfg.profile_steps))
             rule = functools.partial(converged, window=p.convergence_window, rtol=p.convergence_rtol)
             state, summary = run_loop(run, replicate(state, mesh),
                                       make_pretrain_step(job.model, tx, p, stage, job.task.multilabel),
@@ -244,7 +244,7 @@ def run_finetuning(cfg: Config, workdir: str | Path, init: str | Path | None = N
                  KeepBest(best, "val_dice", f.patience, f.eval_every), Facts(label_cases=ids)]
         ds = finetune_dataset(job.cache, ids, cfg, seed=cfg.seed, shard=host_shard())
         run = Run("finetune", job.out, f.steps, cfg.ckpt_every, f.volumes_per_step * f.crops_per_volume, progress,
-                  cfg.lr)
+                  cfg.lr, profile_range(cfg.profile_steps))
         state, summary = run_loop(run, replicate(create_state(job.params, tx), data_mesh()),
                                   make_finetune_step(job.model, tx, job.task.multilabel), job.feed(ds), hooks)
         best.finish(state.params)

@@ -257,6 +257,40 @@ class Checkpoints(Hook):
             self.ckpt.save(step.index, step.state, self.feed, self.extras(step, control))
 
 
+class Profile(Hook):
+    """A ``jax.profiler`` trace of steps ``first``..``last`` (1-based, ``first`` >= 2: after the
+    compilation of step 1) into ``folder`` (TensorBoard's profile plugin reads it). The loop waits
+    for step ``first - 1`` before the trace starts and for ``last`` before it stops, so the trace
+    holds those steps' device work whole; a resumed run past ``first`` traces nothing."""
+
+    def __init__(self, folder: Path, first: int, last: int):
+        self.folder, self.first, self.last = Path(folder), first, last
+        self.tracing = False
+
+    def wants_state(self, step: int) -> bool:
+        return step in (self.first - 1, self.last)
+
+    def after_step(self, step: Step, control: Control) -> None:
+        import jax
+
+        if step.index == self.first - 1 and not self.tracing:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            jax.profiler.start_trace(str(self.folder))
+            self.tracing = True
+        elif self.tracing and (step.index >= self.last or control.stopping):
+            self.close()
+
+    def close(self) -> None:
+        if self.tracing:
+            import jax
+
+            self.tracing = False
+            jax.profiler.stop_trace()
+
+    def summary(self) -> dict:
+        return {"profile": str(self.folder)} if self.folder.is_dir() else {}
+
+
 def loss_trend(history: list[float], window: int = 10) -> float | None:
     """Relative change of the mean loss over the last ``window`` steps against the ``window``
     before (negative: still falling); None with fewer than ``2 * window`` steps."""

@@ -29,7 +29,7 @@ from jaxseg.distributed import Preempted, StopRequest, barrier, is_primary, mult
 from jaxseg.errors import UserError
 from jaxseg.io import atomic_write_text, disk_fault
 from jaxseg.train.checkpoint import Checkpointer
-from jaxseg.train.hooks import Checkpoints, Control, Hook, MetricsLog, Step, final_losses
+from jaxseg.train.hooks import Checkpoints, Control, Hook, MetricsLog, Profile, Step, final_losses
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -47,6 +47,7 @@ class Run:
     crops_per_step: int = 1  # for crops/s
     progress: bool = True
     learning_rate: float | None = None  # logged beside the metrics (TensorBoard)
+    profile_steps: tuple[int, int] | None = None  # (first, last) step of a jax.profiler trace under workdir/profile
 
 
 class Clock:
@@ -164,6 +165,8 @@ def run_loop(run: Run, state: Any, step_fn: Callable, feed: "DeviceFeed",
                     **{k: v for h in hooks for k, v in h.extra().items()}}
 
         hooks = [*hooks, log, Checkpoints(ckpt, feed, run.ckpt_every, run.num_steps, log, extras)]
+        if run.profile_steps is not None:
+            hooks.append(Profile(workdir / "profile" / _process_folder(), *run.profile_steps))
         for h in hooks:
             stack.push(_closer(h))
             h.restore(extra)
@@ -221,6 +224,11 @@ def run_loop(run: Run, state: Any, step_fn: Callable, feed: "DeviceFeed",
     if is_primary():
         atomic_write_text(workdir / f"{run.name}_summary.json", json.dumps(summary, indent=1))
     return state, summary
+
+
+def _process_folder() -> str:
+    """Each process's own folder for files every process writes (its trace)."""
+    return f"process_{jax.process_index()}" if multi_process() else ""
 
 
 def compiled_together(step_fn: Callable, state: Any, batch: Any, name: str, clock: "Clock") -> Callable:

@@ -77,8 +77,11 @@ def test_loop_overhead_benchmark(tmp_path):
 def test_pretrain_finetune_evaluate_entry_points(tmp_path):
     wd = tmp_path / "wd"
     common = ["--config=tiny", f"--workdir={wd}", "--noprogress", "--phantom_subjects=6"]
-    out = run_module("experiments.pretrain", *common, "--objective=contrastive", "--stage1_steps=2", "--stage2_steps=2")
+    out = run_module("experiments.pretrain", *common, "--objective=contrastive", "--stage1_steps=2", "--stage2_steps=2",
+                     "--profile_steps=2:2")
     assert "pre-training (contrastive): 4 steps" in out
+    for stage in ("encoder", "decoder"):  # --profile_steps: a trace of step 2 of each stage
+        assert len(list((wd / "pretrain" / stage / "profile").rglob("*.xplane.pb"))) == 1
     assert "probe, partition of anatomy from enc4 features (chance 0.25): random_init " in out and "-> decoder " in out
     assert (wd / "pretrain" / "params.msgpack").is_file() and (wd / "pretrain" / "pretrain_loss.png").is_file()
     stages = json.loads((wd / "pretrain" / "pretrain_summary.json").read_text())["stages"]

@@ -549,3 +549,34 @@ def test_dropout_is_on_in_training_steps_keyed_by_the_step_and_off_in_evaluation
     probs = [np.asarray(make_predictor(m, cache.task, 32)(params, image)) for m in (on, on, off)]
     np.testing.assert_array_equal(probs[0], probs[1])  # evaluation is deterministic
     np.testing.assert_array_equal(probs[0], probs[2])  # and has no dropout
+
+
+def test_profile_steps_write_a_jax_profiler_trace_of_those_steps(tmp_path):
+    from jaxseg.config import get_config, profile_range
+    from jaxseg.errors import UserError
+
+    _, summary = _toy_loop(tmp_path, lambda k: 1.0, 6, hooks=[])
+    assert "profile" not in summary and not (tmp_path / "profile").exists()  # off by default
+    run = tmp_path / "traced"
+    _loop_with_profile(run, (3, 4))
+    traces = list((run / "profile").rglob("*.xplane.pb"))
+    assert len(traces) == 1 and traces[0].stat().st_size > 0  # TensorBoard's profile plugin reads these
+    assert profile_range("") is None and profile_range("2:5") == (2, 5)
+    for bad in ("1:3", "5:4", "3", "a:b"):
+        with pytest.raises(UserError, match="profile_steps"):
+            get_config("tiny", profile_steps=bad)
+
+
+def _loop_with_profile(workdir, steps):
+    import dataclasses
+
+    import grain
+
+    from jaxseg.train.state import TrainState
+
+    step_fn = jax.jit(lambda state, batch: (state.replace(step=state.step + 1, params={"w": state.params["w"] + batch["x"]}),
+                                            {"loss": jnp.sum(state.params["w"])}))
+    ds = grain.MapDataset.range(100).map(lambda k: {"x": np.full(3, k, np.float32)})
+    state = TrainState(step=jnp.int32(0), params={"w": jnp.zeros(3)}, opt_state=())
+    run = dataclasses.replace(Run("toy", workdir, 6, 100, progress=False), profile_steps=steps)
+    return run_loop(run, state, step_fn, DeviceFeed(make_iterator(ds, 1), lambda b: b))
