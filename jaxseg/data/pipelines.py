@@ -28,7 +28,8 @@ _SHARED_AUGMENT = 2**31  # the stream of a step's shared augmentation (rows use 
 
 
 class _Volumes:
-    """Memory-mapped arrays opened once per pipeline (threads share them)."""
+    """Memory-mapped arrays opened once per pipeline (threads share them), and each labelled
+    volume's ``CropCentres``, made on its first use."""
 
     def __init__(self, cache: Cache, case_ids: Sequence[str], labels: bool, order_seed: int = 0):
         if not case_ids:
@@ -37,6 +38,45 @@ class _Volumes:
         self.images = [cache.image(c) for c in self.ids]
         self.labels = [cache.label(c) for c in self.ids] if labels else None
         self.order_seed = order_seed
+        self._centres: dict[int, CropCentres] = {}
+
+    def centres(self, v: int) -> "CropCentres":
+        if v not in self._centres:  # two threads may both build it: same result, one kept
+            self._centres[v] = CropCentres(self.images[v], self.labels[v])
+        return self._centres[v]
+
+
+class CropCentres:
+    """Where fine-tuning crops of one volume may be centred, found once (as MONAI's
+    ``FgBgToIndicesd``) instead of scanning the volume at every step: the foreground voxels'
+    flat indices, and background (label 0 inside the image's non-zero region) as a running count
+    per row, a few bytes per row rather than an index per voxel. ``foreground(i)`` and
+    ``background(i)`` are the i-th such voxel in C order, the same voxels as ``np.argwhere`` and
+    ``np.flatnonzero`` of the masks give, so a seed gives the crops it gave before."""
+
+    def __init__(self, image: np.ndarray, label: np.ndarray):
+        lab = np.asarray(label)
+        self.shape = lab.shape
+        self.image, self.label = image, label
+        self.fg = np.flatnonzero(lab > 0)
+        self.fg = self.fg.astype(np.int32) if lab.size < 2**31 else self.fg
+        rows = self._background(slice(None)).sum(axis=-1)  # (D, H) background voxels per row
+        self.bg_cum = np.cumsum(rows, axis=None)
+        self.num_fg, self.num_bg = len(self.fg), int(self.bg_cum[-1]) if self.bg_cum.size else 0
+
+    def _background(self, rows) -> np.ndarray:
+        lab = np.asarray(self.label)[rows]
+        return (lab == 0) & np.any(np.asarray(self.image)[rows] != 0, axis=-1)
+
+    def foreground(self, i: int) -> np.ndarray:
+        return np.asarray(np.unravel_index(int(self.fg[i]), self.shape))
+
+    def background(self, i: int) -> tuple[int, int, int]:
+        row = int(np.searchsorted(self.bg_cum, i, side="right"))  # the row holding the i-th voxel
+        d, h = divmod(row, self.shape[1])
+        before = int(self.bg_cum[row - 1]) if row else 0
+        w = int(np.flatnonzero(self._background((d, h)))[i - before])
+        return d, h, w
 
 
 def host_rows(total: int, shard: tuple[int, int]) -> range:
@@ -100,18 +140,17 @@ def _finetune_element(vols: _Volumes, cfg: Config, task, seed: int, shard: tuple
     for slot in range(f.volumes_per_step):
         epoch, pos = divmod(k * f.volumes_per_step + slot, n)  # epoch-wise permutations: every case once per epoch
         chosen.append(int(_epoch_order(vols, epoch)[pos]))
-    images, labels, masks = [], [], {}
+    images, labels = [], []
     for r in host_rows(f.volumes_per_step * f.crops_per_volume, shard):
         v = chosen[r // f.crops_per_volume]
-        img, lab = vols.images[v], np.asarray(vols.labels[v])
-        if v not in masks:  # foreground / background voxels of each volume this host crops
-            masks[v] = (np.argwhere(lab > 0), (lab == 0) & np.any(np.asarray(img) != 0, axis=-1))
-        fg, bg_mask = masks[v]
+        img, lab, where = vols.images[v], vols.labels[v], vols.centres(v)
         rng = _row_rng(seed, k, r)
-        if len(fg) and rng.random() < f.pos_fraction:
-            centre = fg[rng.integers(len(fg))]
-        else:
-            centre = _random_voxel(rng, bg_mask)
+        if where.num_fg and rng.random() < f.pos_fraction:
+            centre = where.foreground(rng.integers(where.num_fg))
+        elif where.num_bg:
+            centre = where.background(rng.integers(where.num_bg))
+        else:  # no background inside the image: anywhere
+            centre = [int(rng.integers(n)) for n in where.shape]
         start = centred_start(centre, img.shape[:3], size)
         ci, cl = augment(rng, crop_at(img, start, size), crop_at(lab, start, size), flip_prob=f.flip_prob,
                          rot90_prob=f.rot90_prob, shift_prob=f.shift_prob)
@@ -119,13 +158,6 @@ def _finetune_element(vols: _Volumes, cfg: Config, task, seed: int, shard: tuple
         labels.append(task.targets(cl))
     return {"image": np.stack(images), "label": np.stack(labels), "volume": np.asarray(chosen, np.int32),
             **_dropout_key(cfg, seed, k)}
-
-
-def _random_voxel(rng, mask):
-    idx = np.flatnonzero(mask)
-    if idx.size == 0:
-        return [int(rng.integers(n)) for n in mask.shape]
-    return np.unravel_index(idx[rng.integers(idx.size)], mask.shape)
 
 
 def _epoch_order(vols: _Volumes, epoch: int) -> np.ndarray:

@@ -387,3 +387,28 @@ def test_pretraining_augmentation_modes(spleen_cache, monkeypatch):
         else:
             assert spatial == [{((False, False, False), 0)}] * 12
     assert len({t.offset for s in per_step for t in s}) > 1  # shifts still drawn per crop
+
+
+@pytest.mark.parametrize("case", ["mixed", "no_foreground", "no_background"])
+def test_crop_centres_are_the_voxels_the_masks_give_in_c_order(case):
+    """Fine-tuning crop centres found once per volume (jaxseg.data.pipelines.CropCentres): the
+    i-th foreground / background voxel is the i-th of np.argwhere over the full masks, as the
+    per-step scan it replaces picked them, so a seed gives the same crops."""
+    from jaxseg.data.pipelines import CropCentres
+
+    rng = np.random.default_rng(5)
+    image = rng.normal(size=(7, 5, 6, 2)).astype(np.float32)
+    image[:, :2] = 0  # outside the body: never a background centre
+    label = (rng.random((7, 5, 6)) < 0.2).astype(np.uint8) * rng.integers(1, 3, (7, 5, 6)).astype(np.uint8)
+    if case == "no_foreground":
+        label[:] = 0
+    if case == "no_background":
+        label[:] = 1
+    where = CropCentres(image, label)
+    fg = np.argwhere(label > 0)
+    bg = np.argwhere((label == 0) & np.any(image != 0, axis=-1))
+    assert (where.num_fg, where.num_bg) == (len(fg), len(bg))
+    for i in range(len(fg)):
+        np.testing.assert_array_equal(where.foreground(i), fg[i])
+    for i in range(len(bg)):
+        assert where.background(i) == tuple(bg[i])
