@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Every GPU measurement in one call, at most ~8 minutes on an H100/H200 with compiles included:
+# Every GPU measurement in one call, at most ~9 minutes on an H100/H200 with compiles included:
 # each part runs under its own timeout and rewrites its JSON after every row, so a part cut short
-# still leaves what it measured; at most 7 files land in OUT_DIR (summary.md last).
+# still leaves what it measured; at most 8 files land in OUT_DIR (summary.md last).
 #   bash benchmarks/run_gpu.sh OUT_DIR
 # On an offline GPU machine, from the project root, with the missing wheels in .whl/ (benchmarks/README.md):
 #   S=$(mktemp -d); python3 -m pip install -q --no-index --no-deps --no-compile --target $S .whl/*.whl
@@ -26,7 +26,8 @@ if [ "${JAXSEG_BENCH_SIZE:-paper}" = tiny ]; then
        --stages=encoder --against=none --sources=device,pipeline"
   INF="--model=tiny --roi=32 --cases=spleen:40x36x32x1x2 --repeats=1 --dtype=float32 --torch_dtypes=float32"
   LOSS="--partitions=4 --images=4 --stages=enc4 --steps=1"
-  T_MODEL=300 T_PRE=300 T_INF=120 T_LOSS=120
+  CKPT="--model=tiny --img_size=32 --saves=2"
+  T_MODEL=300 T_PRE=300 T_INF=120 T_LOSS=120 T_CKPT=60
 else
   MODEL="--model=paper --img_size=96 --batch=4 --steps=10 --warmup=2 --dtypes=bfloat16,float32 \
          --torch_dtypes=bfloat16,float32"
@@ -35,7 +36,8 @@ else
   INF="--model=paper --roi=96 --cases=spleen:192x192x192x1x2 --repeats=3 --dtype=bfloat16 \
        --torch_dtypes=bfloat16,float32"
   LOSS="--partitions=4,16,64 --images=4 --stages=enc4,decoder --steps=10"
-  T_MODEL=135 T_PRE=215 T_INF=60 T_LOSS=45
+  CKPT="--model=paper --img_size=96 --saves=3"
+  T_MODEL=135 T_PRE=215 T_INF=60 T_LOSS=45 T_CKPT=45
 fi
 
 part() {  # part NAME SECONDS MODULE ARGS...: run one benchmark under its own time limit
@@ -58,6 +60,7 @@ part pretrain "$T_PRE" benchmarks.pretrain_throughput --against=$AGAINST --sourc
 part inference "$T_INF" benchmarks.inference --against=$AGAINST $INF --json_out="$OUT/inference.json"
 part loss_scaling "$T_LOSS" benchmarks.loss_scaling $LOSS --json_out="$OUT/loss_scaling.json" \
   --png="$OUT/loss_scaling.png"
+part checkpoint "$T_CKPT" benchmarks.checkpoint $CKPT --json_out="$OUT/checkpoint.json"
 "$PY" -m benchmarks.summary "$OUT" > "$OUT/summary.md"
 cat "$OUT/summary.md"
 echo "results in $OUT"

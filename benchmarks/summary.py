@@ -2,8 +2,8 @@
 
     python -m benchmarks.summary RESULTS_DIR > RESULTS_DIR/summary.md
 
-Reads whichever of model_step.json, pretrain.json, inference.json, loss_scaling.json and
-compile.json exist; a part that timed out shows the rows it wrote.
+Reads whichever of model_step.json, pretrain.json, inference.json, loss_scaling.json,
+compile.json and checkpoint.json exist; a part that timed out shows the rows it wrote.
 """
 
 from __future__ import annotations
@@ -98,8 +98,15 @@ def compile_times(d: dict) -> list[str]:
         [r["step"], _num(r["compile_s"]), _num(r["ratio_to_finetune"], ".2f")] for r in d["rows"]])
 
 
+def checkpoint(d: dict) -> list[str]:
+    return [f"## Checkpoint save ({d['model']} UNETR train state, {d['devices']} device(s)), s the loop waits", ""] + _table(
+        ["handoff to orbax", "GB", "first save s", "later saves s (median)"],
+        [[r["handoff"], _num(r["state_gb"], ".2f"), _num(r["first_s"], ".2f"), _num(r["median_later_s"], ".2f")]
+         for r in d["rows"]])
+
+
 PARTS = {"model_step.json": model_step, "pretrain.json": pretrain, "inference.json": inference,
-         "compile.json": compile_times, "loss_scaling.json": loss_scaling}
+         "compile.json": compile_times, "loss_scaling.json": loss_scaling, "checkpoint.json": checkpoint}
 
 
 def summarize_dir(folder: str | Path) -> str:

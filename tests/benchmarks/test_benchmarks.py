@@ -66,7 +66,7 @@ def test_gpu_script_runs_at_toy_size_on_cpu(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     files = sorted(p.name for p in out.iterdir())
     assert len(files) <= 8 and {"model_step.json", "pretrain.json", "inference.json", "loss_scaling.json",
-                                "summary.md", "log.txt"} <= set(files), files
+                                "checkpoint.json", "summary.md", "log.txt"} <= set(files), files
     model = json.loads((out / "model_step.json").read_text())
     assert any(r.get("framework") == "monai" for r in model["rows"])  # the reference ran beside jaxseg
     assert any("ratio" in r and r["median"] > 0 for r in model["rows"])
@@ -78,7 +78,9 @@ def test_gpu_script_runs_at_toy_size_on_cpu(tmp_path):
     inf = json.loads((out / "inference.json").read_text())
     assert inf["rows"][0]["monai"] and max(m["max_rel_diff"] for m in inf["rows"][0]["monai"].values()) < 1e-4
     summary = (out / "summary.md").read_text()
-    for section in ("UNETR step", "Pre-training step", "Sliding-window inference", "Loss + gradient"):
+    ckpt = json.loads((out / "checkpoint.json").read_text())
+    assert [r["handoff"] for r in ckpt["rows"]] == ["device", "host"] and all(r["first_s"] > 0 for r in ckpt["rows"])
+    for section in ("UNETR step", "Pre-training step", "Sliding-window inference", "Loss + gradient", "Checkpoint save"):
         assert section in summary
     assert (out / "loss_scaling.png").stat().st_size > 1000
     assert "exit 124" not in (out / "log.txt").read_text()
