@@ -27,7 +27,7 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("model", "paper", "UNETR size: tiny | small | paper")
 flags.DEFINE_integer("img_size", 96, "crop size the model is built for")
 flags.DEFINE_list("handoffs", ["device", "host"], "device: jax arrays to orbax; host: NumPy (jaxseg's)")
-flags.DEFINE_integer("saves", 4, "saves per handoff (the first apart)")
+flags.DEFINE_integer("saves", 4, "saves per handoff (the first apart)", lower_bound=2)
 flags.DEFINE_string("workdir", None, "where to write (default: a temp dir, removed after)")
 flags.DEFINE_string("json_out", None, "write results here")
 
@@ -75,17 +75,20 @@ def main(argv):
     state = train_state(FLAGS.model, FLAGS.img_size)
     gb = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(state)) / 1e9
     rows = []
-    for handoff in FLAGS.handoffs:
-        times = time_saves(state, work / handoff, handoff)
-        rows.append({"handoff": handoff, "state_gb": gb, "first_s": times[0],
-                     "median_later_s": statistics.median(times[1:]), "all_s": times})
-        print(f"{handoff:6s} {gb:.2f} GB: first save {times[0]:.2f} s, later saves median "
-              f"{statistics.median(times[1:]):.2f} s ({', '.join(f'{t:.2f}' for t in times[1:])})", flush=True)
-        shutil.rmtree(work / handoff, ignore_errors=True)
-    if not FLAGS.workdir:
-        shutil.rmtree(work, ignore_errors=True)
-    write_json(FLAGS.json_out, {"machine": machine(), "model": FLAGS.model, "devices": len(jax.devices()),
-                                "rows": rows})
+    try:
+        for handoff in FLAGS.handoffs:
+            times = time_saves(state, work / handoff, handoff)
+            rows.append({"handoff": handoff, "state_gb": gb, "first_s": times[0],
+                         "median_later_s": statistics.median(times[1:]), "all_s": times})
+            print(f"{handoff:6s} {gb:.2f} GB: first save {times[0]:.2f} s, later saves median "
+                  f"{statistics.median(times[1:]):.2f} s ({', '.join(f'{t:.2f}' for t in times[1:])})", flush=True)
+            write_json(FLAGS.json_out, {"machine": machine(), "model": FLAGS.model, "devices": len(jax.devices()),
+                                        "rows": rows})  # after every row: a part cut short keeps what it measured
+            shutil.rmtree(work / handoff, ignore_errors=True)
+    finally:  # GBs of checkpoints: never left behind
+        shutil.rmtree(work if not FLAGS.workdir else work / "device", ignore_errors=True)
+        if FLAGS.workdir:
+            shutil.rmtree(work / "host", ignore_errors=True)
 
 
 if __name__ == "__main__":

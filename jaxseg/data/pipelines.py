@@ -48,35 +48,39 @@ class _Volumes:
 
 class CropCentres:
     """Where fine-tuning crops of one volume may be centred, found once (as MONAI's
-    ``FgBgToIndicesd``) instead of scanning the volume at every step: the foreground voxels'
-    flat indices, and background (label 0 inside the image's non-zero region) as a running count
-    per row, a few bytes per row rather than an index per voxel. ``foreground(i)`` and
-    ``background(i)`` are the i-th such voxel in C order, the same voxels as ``np.argwhere`` and
-    ``np.flatnonzero`` of the masks give, so a seed gives the crops it gave before."""
+    ``FgBgToIndicesd``) instead of scanning the volume at every step: for foreground (label > 0)
+    and background (label 0 inside the image's non-zero region), a running count per (d, h) row
+    of the volume, so memory is bounded by the number of rows (int32: ~0.5 MB for a 300 x 400
+    grid of rows) whatever the organ's size. ``foreground(i)`` / ``background(i)`` are the i-th
+    such voxel in C order, the voxels ``np.argwhere`` of the masks gives, so a seed gives the
+    crops it gave before."""
 
     def __init__(self, image: np.ndarray, label: np.ndarray):
-        lab = np.asarray(label)
-        self.shape = lab.shape
         self.image, self.label = image, label
-        self.fg = np.flatnonzero(lab > 0)
-        self.fg = self.fg.astype(np.int32) if lab.size < 2**31 else self.fg
-        rows = self._background(slice(None)).sum(axis=-1)  # (D, H) background voxels per row
-        self.bg_cum = np.cumsum(rows, axis=None)
-        self.num_fg, self.num_bg = len(self.fg), int(self.bg_cum[-1]) if self.bg_cum.size else 0
+        self.shape = np.shape(label)
+        dtype = np.int32 if np.prod(self.shape) < 2**31 else np.int64
+        self.fg_cum = np.cumsum(self._foreground(slice(None)).sum(axis=-1), axis=None, dtype=dtype)
+        self.bg_cum = np.cumsum(self._background(slice(None)).sum(axis=-1), axis=None, dtype=dtype)
+        self.num_fg = int(self.fg_cum[-1]) if self.fg_cum.size else 0
+        self.num_bg = int(self.bg_cum[-1]) if self.bg_cum.size else 0
+
+    def _foreground(self, rows) -> np.ndarray:
+        return np.asarray(self.label)[rows] > 0
 
     def _background(self, rows) -> np.ndarray:
-        lab = np.asarray(self.label)[rows]
-        return (lab == 0) & np.any(np.asarray(self.image)[rows] != 0, axis=-1)
+        return (np.asarray(self.label)[rows] == 0) & np.any(np.asarray(self.image)[rows] != 0, axis=-1)
 
-    def foreground(self, i: int) -> np.ndarray:
-        return np.asarray(np.unravel_index(int(self.fg[i]), self.shape))
+    def _voxel(self, cum: np.ndarray, mask, i: int) -> tuple[int, int, int]:
+        row = int(np.searchsorted(cum, i, side="right"))  # the row holding the i-th voxel
+        d, h = divmod(row, self.shape[1])
+        before = int(cum[row - 1]) if row else 0
+        return d, h, int(np.flatnonzero(mask((d, h)))[i - before])
+
+    def foreground(self, i: int) -> tuple[int, int, int]:
+        return self._voxel(self.fg_cum, self._foreground, i)
 
     def background(self, i: int) -> tuple[int, int, int]:
-        row = int(np.searchsorted(self.bg_cum, i, side="right"))  # the row holding the i-th voxel
-        d, h = divmod(row, self.shape[1])
-        before = int(self.bg_cum[row - 1]) if row else 0
-        w = int(np.flatnonzero(self._background((d, h)))[i - before])
-        return d, h, w
+        return self._voxel(self.bg_cum, self._background, i)
 
 
 def host_rows(total: int, shard: tuple[int, int]) -> range:

@@ -10,6 +10,7 @@ import json
 import os
 import queue
 import threading
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -261,11 +262,13 @@ class Profile(Hook):
     """A ``jax.profiler`` trace of steps ``first``..``last`` (1-based, ``first`` >= 2: after the
     compilation of step 1) into ``folder`` (TensorBoard's profile plugin reads it). The loop waits
     for step ``first - 1`` before the trace starts and for ``last`` before it stops, so the trace
-    holds those steps' device work whole; a resumed run past ``first`` traces nothing."""
+    holds those steps' device work whole (and an evaluation or checkpoint due at ``last``). A run
+    resumed inside the range traces from its first step on; a trace that cannot be taken or
+    written is a warning, never the run's end."""
 
     def __init__(self, folder: Path, first: int, last: int):
         self.folder, self.first, self.last = Path(folder), first, last
-        self.tracing = False
+        self.tracing = self.traced = self.failed = False
 
     def wants_state(self, step: int) -> bool:
         return step in (self.first - 1, self.last)
@@ -273,9 +276,15 @@ class Profile(Hook):
     def after_step(self, step: Step, control: Control) -> None:
         import jax
 
-        if step.index == self.first - 1 and not self.tracing:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            jax.profiler.start_trace(str(self.folder))
+        idle = not (self.tracing or self.traced or self.failed)
+        if idle and self.first - 1 <= step.index < self.last and not control.stopping:
+            try:
+                self.folder.mkdir(parents=True, exist_ok=True)
+                jax.profiler.start_trace(str(self.folder))
+            except (OSError, RuntimeError) as e:
+                warnings.warn(f"--profile_steps: no trace ({e})", stacklevel=2)
+                self.failed = True
+                return
             self.tracing = True
         elif self.tracing and (step.index >= self.last or control.stopping):
             self.close()
@@ -285,10 +294,14 @@ class Profile(Hook):
             import jax
 
             self.tracing = False
-            jax.profiler.stop_trace()
+            try:
+                jax.profiler.stop_trace()
+                self.traced = True
+            except (OSError, RuntimeError) as e:
+                warnings.warn(f"--profile_steps: the trace could not be written to {self.folder} ({e})", stacklevel=2)
 
     def summary(self) -> dict:
-        return {"profile": str(self.folder)} if self.folder.is_dir() else {}
+        return {"profile": str(self.folder)} if self.traced else {}
 
 
 def loss_trend(history: list[float], window: int = 10) -> float | None:

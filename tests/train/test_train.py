@@ -367,6 +367,29 @@ def test_a_checkpoint_keeps_the_input_position_in_its_json_not_in_per_process_fi
     assert not (step / "data").exists()
 
 
+def test_orbax_is_handed_the_replicated_state_as_numpy_and_restores_it_onto_the_devices(tmp_path):
+    """The train state is fetched from one replica and written as NumPy (handed jax arrays, orbax
+    compiles a slicing program per array shape); a restore still gives jax arrays laid out as
+    the template, with the saved values."""
+    from jaxseg.train.state import TrainState
+
+    mesh = data_mesh()
+    state = replicate(TrainState(step=jnp.int32(7), params={"w": jnp.arange(6.0).reshape(2, 3), "b": jnp.ones(4)},
+                                 opt_state=()), mesh)
+    ckpt = Checkpointer(tmp_path / "checkpoints")
+    ckpt.save(7, state, None, {"history": [1.0]})
+    meta = json.loads((tmp_path / "checkpoints" / "7" / "state" / "_METADATA").read_text())["tree_metadata"]
+    assert {m["value_metadata"]["value_type"] for m in meta.values() if not m["value_metadata"]["skip_deserialize"]} == {
+        "np.ndarray"}
+    template = jax.tree_util.tree_map(jnp.zeros_like, state)
+    restored, extra = ckpt.restore(template, None)
+    ckpt.close()
+    assert extra["history"] == [1.0] and int(restored.step) == 7
+    for got, want in zip(jax.tree_util.tree_leaves(restored), jax.tree_util.tree_leaves(state)):
+        assert isinstance(got, jax.Array) and got.sharding == want.sharding
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
 def _fill_disk_run(workdir):
     """A toy run whose checkpoints (1.6 MB each) outgrow a 3 MB disk at the second save."""
     import grain
@@ -555,28 +578,36 @@ def test_profile_steps_write_a_jax_profiler_trace_of_those_steps(tmp_path):
     from jaxseg.config import get_config, profile_range
     from jaxseg.errors import UserError
 
-    _, summary = _toy_loop(tmp_path, lambda k: 1.0, 6, hooks=[])
-    assert "profile" not in summary and not (tmp_path / "profile").exists()  # off by default
-    run = tmp_path / "traced"
-    _loop_with_profile(run, (3, 4))
-    traces = list((run / "profile").rglob("*.xplane.pb"))
-    assert len(traces) == 1 and traces[0].stat().st_size > 0  # TensorBoard's profile plugin reads these
+    _, summary = _loop_with_profile(tmp_path / "plain", 6, None)
+    assert "profile" not in summary and not (tmp_path / "plain" / "profile").exists()  # off by default
+    _, summary = _loop_with_profile(tmp_path / "traced", 6, (3, 4))
+    (trace,) = (tmp_path / "traced" / "profile").rglob("*.xplane.pb")  # what TensorBoard's profile plugin reads
+    assert summary["profile"] == str(tmp_path / "traced" / "profile")
+    assert b"profiled_toy_step" in trace.read_bytes()  # the step's program ran inside the trace
+    # a run cut after step 2 and resumed inside the range traces its remaining steps
+    _loop_with_profile(tmp_path / "resumed", 2, (3, 5), ckpt_every=2)
+    _, summary = _loop_with_profile(tmp_path / "resumed", 6, (3, 5))
+    assert summary["start_step"] == 2 and "profile" in summary
+    assert len(list((tmp_path / "resumed" / "profile").rglob("*.xplane.pb"))) == 1
     assert profile_range("") is None and profile_range("2:5") == (2, 5)
     for bad in ("1:3", "5:4", "3", "a:b"):
         with pytest.raises(UserError, match="profile_steps"):
             get_config("tiny", profile_steps=bad)
 
 
-def _loop_with_profile(workdir, steps):
+def _loop_with_profile(workdir, num_steps, steps, ckpt_every=100):
     import dataclasses
 
     import grain
 
     from jaxseg.train.state import TrainState
 
-    step_fn = jax.jit(lambda state, batch: (state.replace(step=state.step + 1, params={"w": state.params["w"] + batch["x"]}),
-                                            {"loss": jnp.sum(state.params["w"])}))
+    @jax.jit
+    def profiled_toy_step(state, batch):
+        w = state.params["w"] + batch["x"]
+        return state.replace(step=state.step + 1, params={"w": w}), {"loss": jnp.sum(w)}
+
     ds = grain.MapDataset.range(100).map(lambda k: {"x": np.full(3, k, np.float32)})
     state = TrainState(step=jnp.int32(0), params={"w": jnp.zeros(3)}, opt_state=())
-    run = dataclasses.replace(Run("toy", workdir, 6, 100, progress=False), profile_steps=steps)
-    return run_loop(run, state, step_fn, DeviceFeed(make_iterator(ds, 1), lambda b: b))
+    run = dataclasses.replace(Run("toy", workdir, num_steps, ckpt_every, progress=False), profile_steps=steps)
+    return run_loop(run, state, profiled_toy_step, DeviceFeed(make_iterator(ds, 1), lambda b: b))
