@@ -187,7 +187,7 @@ def pretrain_dataset(cache: Cache, case_ids: Sequence[str], cfg: Config, seed: i
 def finetune_dataset(cache: Cache, case_ids: Sequence[str], cfg: Config, seed: int,
                      shard: tuple[int, int] = (0, 1)) -> grain.MapDataset:
     """Element k of ``cfg``'s fine-tuning input (``cfg.finetune``): this host's rows (see
-    ``pretrain_dataset``) of ``image`` (V*Cv, S, S, S, C) and ``label``: integer (V*Cv, S, S, S)
+    ``pretrain_dataset``) of ``image`` (V*Cv, S, S, S, C) and ``label``: integer (V*Cv, S, S, S) class labels (uint8 from a cache)
     for softmax tasks, multi-hot (V*Cv, S, S, S, 3) TC/WT/ET for BraTS-like caches; ``volume``
     (V,) the case indices used, and ``rng`` for a model with dropout. Volumes follow a seeded
     permutation per epoch (every case once per epoch); a crop is centred on a foreground voxel

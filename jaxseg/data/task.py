@@ -56,9 +56,11 @@ class Task:
 
     def targets(self, label: np.ndarray) -> np.ndarray:
         """An integer label map as the model's targets: multi-hot regions (..., K) uint8, or the
-        labels themselves (int32)."""
+        labels themselves (uint8 as the cache stores them, no copy: a quarter of int32's bytes
+        through the input pipeline; other integer maps as int32)."""
         if not self.multilabel:
-            return np.asarray(label).astype(np.int32)
+            label = np.asarray(label)
+            return label if label.dtype == np.uint8 else label.astype(np.int32)
         if self.regions is None:
             raise ValueError("this model.json (from an older jaxseg) does not record which label values make each "
                              f"region of {list(self.class_names)}; label maps cannot be compared with its output")
