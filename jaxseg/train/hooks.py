@@ -266,8 +266,8 @@ class Profile(Hook):
     resumed inside the range traces from its first step on; a trace that cannot be taken or
     written is a warning, never the run's end."""
 
-    def __init__(self, folder: Path, first: int, last: int):
-        self.folder, self.first, self.last = Path(folder), first, last
+    def __init__(self, folder: Path, first: int, last: int, num_steps: int):
+        self.folder, self.first, self.last, self.num_steps = Path(folder), first, last, num_steps
         self.tracing = self.traced = self.failed = False
 
     def wants_state(self, step: int) -> bool:
@@ -277,7 +277,7 @@ class Profile(Hook):
         import jax
 
         idle = not (self.tracing or self.traced or self.failed)
-        if idle and self.first - 1 <= step.index < self.last and not control.stopping:
+        if idle and self.first - 1 <= step.index < min(self.last, self.num_steps) and not control.stopping:
             try:
                 self.folder.mkdir(parents=True, exist_ok=True)
                 jax.profiler.start_trace(str(self.folder))

@@ -166,7 +166,7 @@ def run_loop(run: Run, state: Any, step_fn: Callable, feed: "DeviceFeed",
 
         hooks = [*hooks, log, Checkpoints(ckpt, feed, run.ckpt_every, run.num_steps, log, extras)]
         if run.profile_steps is not None:
-            hooks.append(Profile(workdir / "profile" / _process_folder(), *run.profile_steps))
+            hooks.append(Profile(workdir / "profile" / _process_folder(), *run.profile_steps, run.num_steps))
         for h in hooks:
             stack.push(_closer(h))
             h.restore(extra)

@@ -585,7 +585,8 @@ def test_profile_steps_write_a_jax_profiler_trace_of_those_steps(tmp_path):
     assert summary["profile"] == str(tmp_path / "traced" / "profile")
     assert b"profiled_toy_step" in trace.read_bytes()  # the step's program ran inside the trace
     # a run cut after step 2 and resumed inside the range traces its remaining steps
-    _loop_with_profile(tmp_path / "resumed", 2, (3, 5), ckpt_every=2)
+    _, summary = _loop_with_profile(tmp_path / "resumed", 2, (3, 5), ckpt_every=2)
+    assert "profile" not in summary and not (tmp_path / "resumed" / "profile").exists()  # it ended at step 2
     _, summary = _loop_with_profile(tmp_path / "resumed", 6, (3, 5))
     assert summary["start_step"] == 2 and "profile" in summary
     assert len(list((tmp_path / "resumed" / "profile").rglob("*.xplane.pb"))) == 1
