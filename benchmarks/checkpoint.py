@@ -86,9 +86,8 @@ def main(argv):
                                         "rows": rows})  # after every row: a part cut short keeps what it measured
             shutil.rmtree(work / handoff, ignore_errors=True)
     finally:  # GBs of checkpoints: never left behind
-        shutil.rmtree(work if not FLAGS.workdir else work / "device", ignore_errors=True)
-        if FLAGS.workdir:
-            shutil.rmtree(work / "host", ignore_errors=True)
+        for folder in [work / h for h in FLAGS.handoffs] + ([] if FLAGS.workdir else [work]):
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 if __name__ == "__main__":

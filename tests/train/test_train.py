@@ -26,6 +26,7 @@ from jaxseg.workflow import make_model
 from jaxseg.train.sharding import data_mesh, replicate, shard_batch
 
 from tests.runs import ROOT
+
 CFG = get_config("tiny")
 
 
@@ -149,13 +150,14 @@ def test_min_steps_delays_the_rule_and_both_steps_are_reported(tmp_path):
         assert summary["loss_trend"] == trend  # needs 20 steps
 
 
-def _toy_loop(workdir, losses, num_steps, on_step=None, ckpt_every=100, hooks=()):
-    """run_loop over a toy state (w += batch): cheap, deterministic, checkpointable."""
+def _toy_loop(workdir, losses, num_steps, on_step=None, ckpt_every=100, hooks=(), step_fn=None, profile_steps=None):
+    """run_loop over a toy state (w += batch): cheap, deterministic, checkpointable. ``step_fn``
+    replaces the step whose loss is ``losses(step)``."""
     import grain
 
     from jaxseg.train.state import TrainState
 
-    def step_fn(state, batch):
+    def toy_step(state, batch):
         k = int(state.step)
         if on_step is not None:
             on_step(k + 1)
@@ -164,8 +166,8 @@ def _toy_loop(workdir, losses, num_steps, on_step=None, ckpt_every=100, hooks=()
 
     ds = grain.MapDataset.range(10_000).map(lambda k: {"x": np.full(3, k, np.float32)})
     state = TrainState(step=jnp.int32(0), params={"w": jnp.zeros(3)}, opt_state=())
-    return run_loop(Run("toy", workdir, num_steps, ckpt_every, progress=False), state, step_fn,
-                    DeviceFeed(make_iterator(ds, 1), lambda b: b), hooks)
+    run = Run("toy", workdir, num_steps, ckpt_every, progress=False, profile_steps=profile_steps)
+    return run_loop(run, state, step_fn or toy_step, DeviceFeed(make_iterator(ds, 1), lambda b: b), hooks)
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -597,18 +599,10 @@ def test_profile_steps_write_a_jax_profiler_trace_of_those_steps(tmp_path):
 
 
 def _loop_with_profile(workdir, num_steps, steps, ckpt_every=100):
-    import dataclasses
-
-    import grain
-
-    from jaxseg.train.state import TrainState
-
+    """``_toy_loop`` with a jitted step whose name the trace must hold."""
     @jax.jit
     def profiled_toy_step(state, batch):
         w = state.params["w"] + batch["x"]
         return state.replace(step=state.step + 1, params={"w": w}), {"loss": jnp.sum(w)}
 
-    ds = grain.MapDataset.range(100).map(lambda k: {"x": np.full(3, k, np.float32)})
-    state = TrainState(step=jnp.int32(0), params={"w": jnp.zeros(3)}, opt_state=())
-    run = dataclasses.replace(Run("toy", workdir, num_steps, ckpt_every, progress=False), profile_steps=steps)
-    return run_loop(run, state, profiled_toy_step, DeviceFeed(make_iterator(ds, 1), lambda b: b))
+    return _toy_loop(workdir, None, num_steps, ckpt_every=ckpt_every, step_fn=profiled_toy_step, profile_steps=steps)
