@@ -7,6 +7,7 @@ TensorFlow or torch dependency); without it, or on processes other than 0, a sil
 from __future__ import annotations
 
 import math
+import sys
 import threading
 import warnings
 from pathlib import Path
@@ -29,13 +30,28 @@ def _quiet_tensorboard_threads(hook):
     return excepthook
 
 
+def _import_summary_writer():
+    """tensorboardX's ``SummaryWriter``, imported without torch: tensorboardX imports torch
+    whenever it is installed (only to accept torch tensors), 2.6 s of every job's start on a
+    2-core CPU where MONAI's parity tests or benchmarks put torch beside jaxseg."""
+    if "torch" in sys.modules:
+        from tensorboardX import SummaryWriter
+        return SummaryWriter
+    sys.modules["torch"] = None  # `import torch` raises ImportError; tensorboardX falls back to NumPy
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        del sys.modules["torch"]
+    return SummaryWriter
+
+
 class Board:
     def __init__(self, logdir: str | Path, enabled: bool = True):
         self.writer = None
         if not (enabled and is_primary()):
             return
         try:
-            from tensorboardX import SummaryWriter
+            SummaryWriter = _import_summary_writer()
         except ImportError:
             warnings.warn("tensorboardX is not installed (pip install 'jaxseg[tensorboard]'): "
                           "no TensorBoard logs, metrics.jsonl only", stacklevel=2)
