@@ -3,12 +3,18 @@ AdamW moments, ~1.1 GB in float32) saved by ``jaxseg.train.checkpoint.Checkpoint
 
     python -m benchmarks.checkpoint --json_out=benchmarks/results_checkpoint_cpu.json
 
-Handoff ``host`` is what the Checkpointer does (the replicated state fetched to NumPy, then
-written by orbax); ``device`` hands orbax the jax arrays as they are (jaxseg before
-2026-12-03), which makes orbax compile a slicing program per array shape on the first save.
-Every save waits until the checkpoint is on disk, so its time is what the loop stalls. The
-first save (compilation included) and the median of the later ones, ``--saves`` in all, into a
-fresh folder per handoff (orbax keeps 2).
+Three ways, each into a fresh folder (orbax keeps 2), ``--saves`` saves each, the first apart
+(orbax's first save sets things up; ``device`` compiles there):
+
+- ``device``: orbax handed the jax arrays as they are, waiting for the write (jaxseg before
+  2026-12-03), which makes orbax compile a slicing program per array shape on the first save;
+- ``host``: the replicated state fetched to NumPy, then written by orbax, waiting for it;
+- ``background`` (jaxseg's now): fetched to NumPy in the loop, written by the Checkpointer's
+  writer thread while the loop goes on.
+
+``save_s`` is how long ``save`` holds the loop (for ``background``, with the previous write
+finished, as when saves are further apart than a write takes); ``written_s`` is until the step
+is on disk.
 """
 
 from __future__ import annotations
@@ -26,7 +32,8 @@ from benchmarks.timing import machine, write_json
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", "paper", "UNETR size: tiny | small | paper")
 flags.DEFINE_integer("img_size", 96, "crop size the model is built for")
-flags.DEFINE_list("handoffs", ["device", "host"], "device: jax arrays to orbax; host: NumPy (jaxseg's)")
+flags.DEFINE_list("handoffs", ["device", "host", "background"],
+                  "device: jax arrays to orbax; host: NumPy, waited for; background: NumPy, written by a thread")
 flags.DEFINE_integer("saves", 4, "saves per handoff (the first apart)", lower_bound=2)
 flags.DEFINE_string("workdir", None, "where to write (default: a temp dir, removed after)")
 flags.DEFINE_string("json_out", None, "write results here")
@@ -46,22 +53,25 @@ def train_state(model_name: str, img_size: int):
     return replicate(create_state(params, make_optimizer()), data_mesh())
 
 
-def time_saves(state, folder: Path, handoff: str) -> list[float]:
+def time_saves(state, folder: Path, handoff: str) -> tuple[list[float], list[float]]:
+    """(save_s, written_s) of each save."""
     import jaxseg.train.checkpoint as ck
 
     keep = ck._replicated_to_host
     if handoff == "device":
-        ck._replicated_to_host = lambda tree: tree
+        ck._replicated_to_host = lambda tree, own_copy=False: tree
     try:
-        ckpt, times = ck.Checkpointer(folder), []
+        ckpt, held, written = ck.Checkpointer(folder, background=handoff == "background"), [], []
         for i in range(FLAGS.saves):
             t0 = time.perf_counter()
             ckpt.save(i + 1, state, None, {"history": []})
-            times.append(time.perf_counter() - t0)
+            held.append(time.perf_counter() - t0)
+            ckpt.wait()
+            written.append(time.perf_counter() - t0)
         ckpt.close()
     finally:
         ck._replicated_to_host = keep
-    return times
+    return held, written
 
 
 def main(argv):
@@ -77,11 +87,13 @@ def main(argv):
     rows = []
     try:
         for handoff in FLAGS.handoffs:
-            times = time_saves(state, work / handoff, handoff)
-            rows.append({"handoff": handoff, "state_gb": gb, "first_s": times[0],
-                         "median_later_s": statistics.median(times[1:]), "all_s": times})
-            print(f"{handoff:6s} {gb:.2f} GB: first save {times[0]:.2f} s, later saves median "
-                  f"{statistics.median(times[1:]):.2f} s ({', '.join(f'{t:.2f}' for t in times[1:])})", flush=True)
+            held, written = time_saves(state, work / handoff, handoff)
+            rows.append({"handoff": handoff, "state_gb": gb, "first_s": held[0],
+                         "median_later_s": statistics.median(held[1:]), "all_s": held,
+                         "first_written_s": written[0], "median_later_written_s": statistics.median(written[1:])})
+            print(f"{handoff:10s} {gb:.2f} GB: the loop held {held[0]:.2f} s by the first save, "
+                  f"{statistics.median(held[1:]):.2f} s by later ones (median; {', '.join(f'{t:.2f}' for t in held[1:])}); "
+                  f"on disk after {written[0]:.2f} / {statistics.median(written[1:]):.2f} s", flush=True)
             write_json(FLAGS.json_out, {"machine": machine(), "model": FLAGS.model, "devices": len(jax.devices()),
                                         "rows": rows})  # after every row: a part cut short keeps what it measured
             shutil.rmtree(work / handoff, ignore_errors=True)

@@ -100,8 +100,9 @@ def compile_times(d: dict) -> list[str]:
 
 def checkpoint(d: dict) -> list[str]:
     return [f"## Checkpoint save ({d['model']} UNETR train state, {d['devices']} device(s)), s the loop waits", ""] + _table(
-        ["handoff to orbax", "GB", "first save s", "later saves s (median)"],
-        [[r["handoff"], _num(r["state_gb"], ".2f"), _num(r["first_s"], ".2f"), _num(r["median_later_s"], ".2f")]
+        ["handoff to orbax", "GB", "first save s", "later saves s (median)", "on disk after s (first / later)"],
+        [[r["handoff"], _num(r["state_gb"], ".2f"), _num(r["first_s"], ".2f"), _num(r["median_later_s"], ".2f"),
+          f"{_num(r.get('first_written_s'), '.2f')} / {_num(r.get('median_later_written_s'), '.2f')}"]
          for r in d["rows"]])
 
 

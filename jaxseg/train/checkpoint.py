@@ -9,11 +9,21 @@ weights a run hands on (``params.msgpack``, ``best.msgpack``) are one checksumme
 (``jaxseg.io.save_weights``), because a single file is replaced atomically by one rename however
 often it is rewritten (``best`` at every better validation), can be copied or shared as is, and
 reads back without orbax. ``jaxseg.load_model`` reads them.
+
+Saves run in the background on one process: ``save`` copies the train state (and the run's
+metadata) to host memory and returns while one writer thread puts it on disk, so training goes
+on during the write. Before anything that needs the checkpoints on disk (the next save,
+``latest_step``, ``wait``, ``close``: the end of a run, a preemption's exit) the Checkpointer
+waits for the write, and a fault it met is raised there, naming the step it was writing. On
+several processes saves stay in the loop: orbax's barriers between processes are device
+collectives (``sync_global_devices``), which must not run beside the training step's own.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
+import json
 import logging
 import os
 import shutil
@@ -26,6 +36,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from jaxseg.distributed import multi_process
 from jaxseg.errors import UserError, first_line
 from jaxseg.io import check_writable, disk_fault
 
@@ -68,7 +79,8 @@ def _quiet_orbax():
 
 
 class Checkpointer:
-    def __init__(self, directory: str | Path, max_to_keep: int = 2):
+    def __init__(self, directory: str | Path, max_to_keep: int = 2, background: bool | None = None):
+        """``background``: write saves from a thread (default: on one process only)."""
         self.directory = Path(directory).absolute()
         if not getattr(sys.excepthook, "jaxseg_filter", False):
             sys.excepthook = _drop_closed_loop_noise(sys.excepthook)
@@ -83,18 +95,49 @@ class Checkpointer:
             if fault is None:
                 raise
             raise UserError(f"{self.directory}: {fault}; checkpoints cannot be written there") from None
+        self._identity = {f: _identity(f) for f in (self.directory.parent, self.directory)}
+        # One writer thread, one save in flight: orbax's manager is used by one thread at a time.
+        if background is None:
+            background = not multi_process()
+        self._writer = (concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="jaxseg-checkpoint")
+                        if background else None)
+        self._pending: concurrent.futures.Future | None = None
 
     def latest_step(self) -> int | None:
+        """The newest step on disk (a save in flight finished first)."""
+        self.wait()
         return self.manager.latest_step()
 
     def save(self, step: int, state: Any, feed: Any | None, extra: dict) -> None:
-        """Save ``state``, ``extra`` and ``feed``'s position at ``step``, waiting until it is on disk."""
-        extra = {**extra, "input": feed.position()} if feed is not None else extra
-        items = {"state": ocp.args.StandardSave(_replicated_to_host(state)), "extra": ocp.args.JsonSave(extra)}
-        if not self.directory.parent.is_dir():  # orbax would make it anew, and the run's metrics are gone with it
-            raise UserError(f"{self.directory.parent}: the folder vanished during training (its checkpoints and "
-                            f"metrics with it); rerun the same command to start again")
+        """Save ``state``, ``extra`` and ``feed``'s position at ``step``: copied to host memory now,
+        written in the background (``wait`` for it), after the previous save finished."""
+        # a snapshot: the loop goes on appending to the lists it handed over (the loss history)
+        extra = json.loads(json.dumps({**extra, "input": feed.position()} if feed is not None else extra))
+        host = _replicated_to_host(state, own_copy=self._writer is not None)
+        self._check_folder()
         last = self.latest_step()
+        items = {"state": ocp.args.StandardSave(host), "extra": ocp.args.JsonSave(extra)}
+        if self._writer is None:
+            self._write(step, items, last)
+        else:
+            self._pending = self._writer.submit(self._write, step, items, last)
+
+    def wait(self) -> None:
+        """Until the save in flight (if any) is on disk; raises the fault it met, naming its step."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def _check_folder(self) -> None:
+        """orbax would make a vanished folder anew, and the run's metrics are gone with it; one made
+        anew (by a save that was writing when it went) is not the run's either."""
+        gone = next((f for f, known in self._identity.items() if _identity(f) != known), None)
+        if gone is not None:  # the run's folder first, then the checkpoints' own
+            raise UserError(f"{gone}: the folder vanished during training (its checkpoints and metrics with it); "
+                            f"rerun the same command to start again")
+
+    def _write(self, step: int, items: dict, last: int | None) -> None:
+        self._check_folder()  # again: the folder may have gone since ``save`` handed this over
         try:
             with _quiet_orbax():
                 self.manager.save(step, args=ocp.args.Composite(**items), force=True)
@@ -122,6 +165,7 @@ class Checkpointer:
         deleted), and the next older one is tried; none readable is a ``UserError`` naming the
         folder. In a multi-process run the processes cannot agree on a fallback without talking,
         so an unreadable step stops the run instead (one line, naming it)."""
+        self.wait()
         steps = sorted(self.manager.all_steps(), reverse=True)
         if not steps:
             return None
@@ -153,20 +197,37 @@ class Checkpointer:
                         f"read); move the folder away to start this stage over")
 
     def close(self) -> None:
+        """Wait for the save in flight (raising its fault), then release orbax's manager."""
         if not getattr(self, "closed", False):
             self.closed = True
-            self.manager.close()
+            try:
+                self.wait()
+            finally:
+                if self._writer is not None:
+                    self._writer.shutdown()
+                self.manager.close()
 
 
-def _replicated_to_host(tree: Any) -> Any:
+def _identity(folder: Path) -> tuple[int, int] | None:
+    try:
+        st = os.stat(folder)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _replicated_to_host(tree: Any, own_copy: bool = False) -> Any:
     """Replicated device arrays (the data-parallel train state) as NumPy arrays, which orbax writes
     from process 0 alone. Handed jax arrays, orbax compiles a slicing program per array shape to
     fetch one replica: 7.6 s on the first save of the tiny UNETR's state on 4 CPU devices, against
-    0.2 s this way. Sharded arrays are left to orbax. Restoring into the device template is unchanged."""
+    0.2 s this way. Sharded arrays are left to orbax. Restoring into the device template is unchanged.
+    ``own_copy``: arrays that view device memory (CPU devices) are copied, so a background write
+    never reads a buffer the next step has been handed (donated)."""
     leaves, treedef = jax.tree_util.tree_flatten(tree)
     idx = [i for i, x in enumerate(leaves) if isinstance(x, jax.Array) and x.is_fully_replicated]
     for i, host in zip(idx, jax.device_get([leaves[i] for i in idx])):
-        leaves[i] = host
+        host = np.asarray(host)
+        leaves[i] = host.copy() if own_copy and not host.flags.owndata else host
     return jax.tree_util.tree_unflatten(treedef, leaves)
 
 

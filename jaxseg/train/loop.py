@@ -150,7 +150,7 @@ def run_loop(run: Run, state: Any, step_fn: Callable, feed: "DeviceFeed",
     workdir = Path(run.workdir)
     with contextlib.ExitStack() as stack:  # the log, checkpoints and hooks closed however the run ends
         ckpt = Checkpointer(workdir / "checkpoints")
-        stack.callback(ckpt.close)
+        stack.push(_closer(ckpt))  # waits for the last save; quiet about it when the run is already failing
         restored = ckpt.restore(state, feed)
         state, extra = restored if restored is not None else (state, {})
         history: list[float] = list(extra.get("history", []))
@@ -216,6 +216,7 @@ def run_loop(run: Run, state: Any, step_fn: Callable, feed: "DeviceFeed",
                     finish(*pending, synced=state)
                     pending = None
                     done = done or control.stopping
+            ckpt.wait()  # the last save on disk while SIGTERM is still the loop's, a fault still named here
     if control.reason == "preempted" and step < run.num_steps:
         raise Preempted(run.name, step, ckpt.directory)
     summary = {"name": run.name, "start_step": start, "end_step": step, "stopped": control.reason,

@@ -25,7 +25,7 @@ from jaxseg.models import init_params
 from jaxseg.workflow import make_model
 from jaxseg.train.sharding import data_mesh, replicate, shard_batch
 
-from tests.runs import ROOT
+from tests.runs import ROOT, cpu_env
 
 CFG = get_config("tiny")
 
@@ -380,6 +380,7 @@ def test_orbax_is_handed_the_replicated_state_as_numpy_and_restores_it_onto_the_
                                  opt_state=()), mesh)
     ckpt = Checkpointer(tmp_path / "checkpoints")
     ckpt.save(7, state, None, {"history": [1.0]})
+    ckpt.wait()
     meta = json.loads((tmp_path / "checkpoints" / "7" / "state" / "_METADATA").read_text())["tree_metadata"]
     assert {m["value_metadata"]["value_type"] for m in meta.values() if not m["value_metadata"]["skip_deserialize"]} == {
         "np.ndarray"}
@@ -390,6 +391,90 @@ def test_orbax_is_handed_the_replicated_state_as_numpy_and_restores_it_onto_the_
     for got, want in zip(jax.tree_util.tree_leaves(restored), jax.tree_util.tree_leaves(state)):
         assert isinstance(got, jax.Array) and got.sharding == want.sharding
         np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+def test_a_save_is_written_in_the_background_and_its_fault_is_named_where_it_is_waited_for(tmp_path, monkeypatch):
+    """``save`` returns while the write is still running (the loop trains on); the host copy it
+    hands over is its own, not a view of the device buffer the next step is given; ``wait``,
+    ``latest_step`` and ``close`` wait for the write, and a fault the write met is raised there,
+    naming the step it was writing and the last good one."""
+    import errno
+    import threading
+
+    from jaxseg.train.state import TrainState
+
+    state = TrainState(step=jnp.int32(1), params={"w": jnp.arange(6.0)}, opt_state=())
+    ckpt = Checkpointer(tmp_path / "checkpoints")
+    assert ckpt._writer is not None  # one process: in the background by default
+    release, written = threading.Event(), []
+    write = Checkpointer._write
+
+    def held_write(self, step, items, last):
+        assert release.wait(60)
+        written.append(items["state"].item.params["w"])
+        write(self, step, items, last)
+
+    monkeypatch.setattr(Checkpointer, "_write", held_write)
+    history = [0.5]
+    ckpt.save(1, state, None, {"history": history})
+    assert ckpt._pending is not None and not ckpt._pending.done()  # returned before the write
+    history.append(0.4)  # the loop goes on logging losses while the write waits
+    release.set()
+    assert ckpt.latest_step() == 1 and written[0].flags.owndata  # waited for; a copy of its own
+    np.testing.assert_array_equal(written[0], np.arange(6.0))
+    assert ckpt.restore(state, None)[1]["history"] == [0.5]  # the history as it was at step 1
+
+    def no_space(self, step, items, last):
+        raise UserError(f"{self.directory}: the disk is full while saving the checkpoint of step {step}; "
+                        f"the last good checkpoint is step {last}")
+
+    monkeypatch.setattr(Checkpointer, "_write", no_space)
+    ckpt.save(2, state.replace(step=jnp.int32(2)), None, {"history": []})  # the fault comes in the background
+    with pytest.raises(UserError, match="step 2; the last good checkpoint is step 1"):
+        ckpt.save(3, state.replace(step=jnp.int32(3)), None, {"history": []})  # ... and is raised at the next save
+    monkeypatch.setattr(Checkpointer, "_write", write)
+    ckpt.save(3, state.replace(step=jnp.int32(3)), None, {"history": []})
+    ckpt.close()  # waits: step 3 is on disk when close returns
+    assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == [1, 3]
+    ckpt = Checkpointer(tmp_path / "checkpoints")
+    monkeypatch.setattr(Checkpointer, "_write", lambda *a: (_ for _ in ()).throw(
+        OSError(errno.EIO, "Input/output error")))  # not a disk fault of the work dir: raised as it is, at close
+    ckpt.save(4, state, None, {"history": []})
+    with pytest.raises(OSError, match="Input/output error"):
+        ckpt.close()
+
+
+def test_a_second_sigterm_during_the_preemption_save_still_leaves_it_on_disk(tmp_path):
+    """The checkpoint a preemption writes is on disk before the loop gives SIGTERM back: a second
+    SIGTERM (schedulers repeat it) arriving during that write must not kill the process first."""
+    script = f"""
+import os, signal, time
+from pathlib import Path
+from jaxseg.distributed import Preempted
+from jaxseg.train.checkpoint import Checkpointer
+from tests.train.test_train import _toy_loop
+
+write = Checkpointer._write
+def slow_write(self, step, items, last):
+    if step == 5:  # the second notice, while the preemption save is written
+        time.sleep(0.5)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.5)
+    write(self, step, items, last)
+Checkpointer._write = slow_write
+
+def term_at_5(k):
+    if k == 5:
+        os.kill(os.getpid(), signal.SIGTERM)
+try:
+    _toy_loop(Path(r"{tmp_path}"), lambda k: 1.0, 9, on_step=term_at_5, ckpt_every=100)
+except Preempted as e:
+    print("preempted:", e)
+"""
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=cpu_env(1), capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0 and "preempted: " in proc.stdout, proc.stdout + proc.stderr[-3000:]
+    assert (tmp_path / "checkpoints" / "5").is_dir()
 
 
 def _fill_disk_run(workdir):
