@@ -29,8 +29,6 @@ pytestmark = pytest.mark.slow  # the tests here start processes (the JAX shim ch
 PRETRAIN = ["--config=tiny", "--noprogress", "--phantom_subjects=6", "--stage1_steps=16", "--stage2_steps=3",
             "--objective=comparative", "--ckpt_every=8"]
 TIMEOUT_S = 240
-# With pytest-xdist: the tests reading the tiny Table 1 runs on one worker, so their fixtures run once.
-TABLE1_GROUP = pytest.mark.xdist_group("table1")
 DATA: list[str] = []  # --data_dir / --cache_dir of the session's tiny phantom
 
 
@@ -137,7 +135,6 @@ def _weights(path):
     return traverse_util.flatten_dict(serialization.msgpack_restore(read_weights_blob(path)), sep="/")
 
 
-@TABLE1_GROUP
 def test_table1_on_two_processes_equals_one_process_over_the_same_devices(table1_one_process, table1_two):
     (one, _), two = table1_one_process, table1_two  # seed 0 of the 1-process run: seeds are independent runs
     r1, r2 = (json.loads((wd / "table1.json").read_text()) for wd in (one, two))
@@ -180,7 +177,6 @@ def test_table1_on_two_processes_equals_one_process_over_the_same_devices(table1
     assert (two / "table1.md").is_file() and (two / "pretrain_loss.png").is_file()
 
 
-@TABLE1_GROUP
 def test_finetune_and_evaluate_entry_points_on_two_processes(table1_two):
     """experiments.finetune and experiments.evaluate on their own, with table1's settings for its
     no-pre-training run: the same parameters and the same per-case metrics as table1's, on two
@@ -243,7 +239,6 @@ def test_a_killed_rank_ends_the_other_in_bounded_time_naming_it(tmp_path):
     assert "process 1 of 2 stopped responding" in text and "Traceback" not in text
 
 
-@TABLE1_GROUP
 def test_preempted_then_killed_runs_resume_to_the_uninterrupted_result(table1_two, tmp_path):
     """SIGTERM to one rank: both checkpoint at the same step and exit 143 within seconds. Then the
     resumed run loses both processes to SIGKILL mid-stage. The third run resumes and must give the

@@ -233,7 +233,6 @@ def _damaged_inputs_are_refused_before_any_output(wd, scan, common, tmp_path):
     assert (_cache_folder(wd) / "cache.json").read_bytes() == index and len(list((wd / "cache").iterdir())) == 1
 
 
-@pytest.mark.xdist_group("table1")  # beside tests/distributed: table1_one_process runs once
 def test_table1_main_job_tiny(table1_one_process, tmp_path):
     out = run_module("experiments.table1", "--config=tiny", f"--workdir={tmp_path / 't1'}", "--objective=contrastive",
                      rc=2)
