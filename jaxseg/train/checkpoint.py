@@ -221,8 +221,8 @@ def _replicated_to_host(tree: Any, own_copy: bool = False) -> Any:
     from process 0 alone. Handed jax arrays, orbax compiles a slicing program per array shape to
     fetch one replica: 7.6 s on the first save of the tiny UNETR's state on 4 CPU devices, against
     0.2 s this way. Sharded arrays are left to orbax. Restoring into the device template is unchanged.
-    ``own_copy``: arrays that view device memory (CPU devices) are copied, so a background write
-    never reads a buffer the next step has been handed (donated)."""
+    ``own_copy``: arrays that view device memory (CPU devices) are copied: a view held by the
+    writer thread would keep the next step from reusing (donating) that buffer."""
     leaves, treedef = jax.tree_util.tree_flatten(tree)
     idx = [i for i, x in enumerate(leaves) if isinstance(x, jax.Array) and x.is_fully_replicated]
     for i, host in zip(idx, jax.device_get([leaves[i] for i in idx])):
