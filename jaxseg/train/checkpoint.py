@@ -28,6 +28,7 @@ import logging
 import os
 import shutil
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -65,17 +66,36 @@ def _drop_closed_loop_noise(hook):
     return excepthook
 
 
+class _DropOrbaxRecords(logging.Filter):
+    """Drops what orbax logs (through absl's logger) and nothing else: grain's and the run's own
+    absl messages from other threads go on while a write runs in the background."""
+
+    def __init__(self):
+        super().__init__()
+        self.users, self.lock = 0, threading.Lock()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return f"{os.sep}orbax{os.sep}" not in record.pathname
+
+
+_ORBAX_FILTER = _DropOrbaxRecords()
+
+
 @contextlib.contextmanager
 def _quiet_orbax():
     """orbax logs the exception of every failed write at ERROR with its traceback (hundreds of
     lines on a full disk); the run reports the fault itself, in one line."""
     logger = logging.getLogger("absl")
-    level = logger.level
-    logger.setLevel(logging.CRITICAL)
+    with _ORBAX_FILTER.lock:
+        _ORBAX_FILTER.users += 1
+        logger.addFilter(_ORBAX_FILTER)
     try:
         yield
     finally:
-        logger.setLevel(level)
+        with _ORBAX_FILTER.lock:
+            _ORBAX_FILTER.users -= 1
+            if not _ORBAX_FILTER.users:  # the last write in flight (several Checkpointers may write at once)
+                logger.removeFilter(_ORBAX_FILTER)
 
 
 class Checkpointer:
