@@ -320,8 +320,7 @@ for devices in (jax.devices()[:1], jax.devices()):
 print("TRAJ", traj)
 np.testing.assert_allclose(traj[1], traj[0], rtol=2e-5)
 """
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu",
-           "PYTHONPATH": str(ROOT)}
+    env = cpu_env(4)
     proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "TRAJ" in proc.stdout
@@ -442,6 +441,23 @@ def test_a_save_is_written_in_the_background_and_its_fault_is_named_where_it_is_
     ckpt.save(4, state, None, {"history": []})
     with pytest.raises(OSError, match="Input/output error"):
         ckpt.close()
+
+
+def test_orbax_is_muted_during_a_write_and_nothing_else(caplog):
+    """A write silences orbax's own records (a failed save logs its traceback) but not the absl
+    messages of other code running meanwhile (grain's, on the main thread)."""
+    import logging
+
+    from jaxseg.train.checkpoint import _quiet_orbax
+
+    logger = logging.getLogger("absl")
+    as_orbax = compile("logger.error('from orbax')", os.path.join("x", "orbax", "checkpoint", "m.py"), "exec")
+    with caplog.at_level(logging.INFO, logger="absl"):
+        with _quiet_orbax(), _quiet_orbax():  # two writes at once
+            exec(as_orbax, {"logger": logger})
+            logger.warning("from elsewhere")
+        exec(as_orbax, {"logger": logger})  # after the writes: orbax heard again
+    assert [r.getMessage() for r in caplog.records] == ["from elsewhere", "from orbax"]
 
 
 def test_a_second_sigterm_during_the_preemption_save_still_leaves_it_on_disk(tmp_path):
