@@ -193,6 +193,29 @@ def test_cache_contents_and_skip(spleen_dir, spleen_cache):
     assert status == {"done": 0, "skipped": 6, "failed": 0}
 
 
+def test_quick_cases_are_prepared_here_slow_ones_in_worker_processes(spleen_dir, spleen_cache, tmp_path, monkeypatch):
+    """The first case always runs in this process; a case slower than QUICK_CASE_S hands the rest
+    to a pool. Both ways cache the same arrays."""
+    pools = []
+
+    class CountingPool(cache_mod.cf.ProcessPoolExecutor):
+        def __init__(self, *a, **kw):
+            pools.append(a)
+            super().__init__(*a, **kw)
+
+    monkeypatch.setattr(cache_mod.cf, "ProcessPoolExecutor", CountingPool)
+    info = load_dataset_json(spleen_dir)
+    monkeypatch.setattr(cache_mod, "QUICK_CASE_S", -1.0)  # every case 'slow': one here, five in 2 workers
+    assert prepare(info, tmp_path / "a" / "pooled", progress=False, workers=2)["done"] == 6 and pools == [(2,)]
+    monkeypatch.setattr(cache_mod, "QUICK_CASE_S", 1e9)
+    assert prepare(info, tmp_path / "b" / "here", progress=False, workers=2)["done"] == 6 and len(pools) == 1
+    for cid in spleen_cache.training:
+        for folder in ("pooled", "here"):
+            got = Cache(next(tmp_path.glob(f"*/{folder}")))
+            np.testing.assert_array_equal(got.image(cid), spleen_cache.image(cid))
+            np.testing.assert_array_equal(got.label(cid), spleen_cache.label(cid))
+
+
 def test_cache_resumes_after_a_kill(spleen_dir, tmp_path, monkeypatch):
     info = load_dataset_json(spleen_dir)
     out = tmp_path / "cache"
