@@ -254,7 +254,7 @@ def config_problems(flat: dict) -> list[str]:
 PRESETS: dict[str, Config] = {
     "tiny": Config.from_flat(model="tiny", crop_size=32, phantom_subjects=8, stage1_steps=3, stage2_steps=3,
                    finetune_steps=4, eval_every=2, ckpt_every=2, sampled_triplets=8),
-    # The CPU main job (~14 min on 2 cores, 3 seeds): at 3 mm a 32^3 crop holds the whole
+    # The CPU main job (11-13 min on 2 cores, 3 seeds): at 3 mm a 32^3 crop holds the whole
     # foreground-cropped phantom, so crop partitions are the same anatomy in every image (the
     # paper's premise) and training from scratch learns within the budget (val Dice 0.41 after
     # 150 steps; 0.00 at 2 mm). Stage 2 takes one update for the three axes ('joint') on one
