@@ -16,6 +16,7 @@ import json
 import multiprocessing as mp
 import os
 import shutil
+import threading
 import time
 from pathlib import Path
 
@@ -43,6 +44,22 @@ class PrepareConfig:
             raise UserError(f"spacing must be three positive numbers (mm), got {list(sp)}")
         if len(self.ct_range) != 2 or not self.ct_range[0] < self.ct_range[1]:
             raise UserError(f"ct_range must be (low, high) with low < high, got {list(self.ct_range)}")
+
+
+CROP_ROWS = "crop_rows.npy"  # where fine-tuning crops may be centred (crop_rows); not in meta.json's terms
+
+
+def crop_rows(image: np.ndarray, label: np.ndarray) -> np.ndarray:
+    """Where a fine-tuning crop of this case may be centred (as MONAI's ``FgBgToIndicesd``, as
+    nnU-Net's stored class locations), in bounded memory: row 0, the running count of foreground
+    voxels (label > 0) over the (d, h) rows of the volume in C order; row 1, the same for
+    background (label 0 where any image channel is non-zero). ``jaxseg.data.pipelines.CropCentres``
+    finds the i-th such voxel from them. (2, D*H) int32 (int64 past 2**31 voxels)."""
+    label = np.asarray(label)
+    dtype = np.int32 if label.size < 2**31 else np.int64
+    fg = (label > 0).sum(axis=-1)
+    bg = ((label == 0) & np.any(np.asarray(image) != 0, axis=-1)).sum(axis=-1)
+    return np.stack([np.cumsum(fg, axis=None, dtype=dtype), np.cumsum(bg, axis=None, dtype=dtype)])
 
 
 def case_dir(out_dir: Path, case_id: str) -> Path:
@@ -196,6 +213,8 @@ def _prepare_one(case: Case, info: DatasetInfo, out_dir: Path, cfg: PrepareConfi
         if out["label"] is not None:
             target = tmp / "label.npy"
             np.save(target, out["label"])
+            target = tmp / CROP_ROWS
+            np.save(target, crop_rows(out["image"], out["label"]))
         target = tmp / "meta.json"
         target.write_text(json.dumps(meta))
         shutil.rmtree(final, ignore_errors=True)  # an outdated or incomplete leftover
@@ -322,6 +341,29 @@ class Cache:
 
     def label(self, case_id: str) -> np.ndarray:
         return np.load(case_dir(self.root, case_id) / "label.npy", mmap_mode="r")
+
+    def crop_rows(self, case_id: str) -> np.ndarray:
+        """The case's ``crop_rows``, stored when it was prepared. A cache prepared before they
+        were gains them here, on first use: a function of the case's arrays, which are never
+        rewritten in place, so the file is added beside them (atomically; two processes write
+        the same bytes) and not to the settings digest. A read-only cache computes them each time."""
+        path = case_dir(self.root, case_id) / CROP_ROWS
+        label = self.label(case_id)
+        try:
+            rows = np.load(path)
+            if rows.shape == (2, label.shape[0] * label.shape[1]):
+                return rows
+        except (OSError, ValueError):
+            pass  # not there (an older cache) or unreadable: made again
+        rows = crop_rows(self.image(case_id), label)
+        tmp = path.with_name(f".{CROP_ROWS}.{os.getpid()}.{threading.get_ident()}.tmp")
+        try:
+            with open(tmp, "wb") as f:
+                np.save(f, rows)
+            os.replace(tmp, path)
+        except OSError:
+            tmp.unlink(missing_ok=True)
+        return rows
 
     def meta(self, case_id: str) -> dict:
         return json.loads((case_dir(self.root, case_id) / "meta.json").read_text())

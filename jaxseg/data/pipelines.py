@@ -19,7 +19,7 @@ import numpy as np
 
 from jaxseg.config import Config
 from jaxseg.data.augment import apply, augment, centred_start, crop_at, draw, random_start
-from jaxseg.data.cache import Cache
+from jaxseg.data.cache import Cache, crop_rows
 from jaxseg.losses import SAMPLED_OBJECTIVES
 from jaxseg.losses.partition import sample_triplets
 
@@ -35,6 +35,7 @@ class _Volumes:
         if not case_ids:
             raise ValueError("no cases to read: the case list is empty")
         self.ids = list(case_ids)
+        self.cache = cache
         self.images = [cache.image(c) for c in self.ids]
         self.labels = [cache.label(c) for c in self.ids] if labels else None
         self.order_seed = order_seed
@@ -42,25 +43,22 @@ class _Volumes:
 
     def centres(self, v: int) -> "CropCentres":
         if v not in self._centres:  # two threads may both build it: same result, one kept
-            self._centres[v] = CropCentres(self.images[v], self.labels[v])
+            self._centres[v] = CropCentres(self.images[v], self.labels[v], self.cache.crop_rows(self.ids[v]))
         return self._centres[v]
 
 
 class CropCentres:
-    """Where fine-tuning crops of one volume may be centred, found once (as MONAI's
-    ``FgBgToIndicesd``) instead of scanning the volume at every step: for foreground (label > 0)
-    and background (label 0 inside the image's non-zero region), a running count per (d, h) row
-    of the volume, so memory is bounded by the number of rows (int32: ~0.5 MB for a 300 x 400
-    grid of rows) whatever the organ's size. ``foreground(i)`` / ``background(i)`` are the i-th
+    """Where fine-tuning crops of one volume may be centred, from the running counts per (d, h)
+    row that the cache stores with the case (``jaxseg.data.cache.crop_rows``: computed once when
+    the case is prepared, not by scanning the volume at every step), so memory is bounded by the
+    number of rows whatever the organ's size. ``foreground(i)`` / ``background(i)`` are the i-th
     such voxel in C order, the voxels ``np.argwhere`` of the masks gives, so a seed gives the
     crops it gave before."""
 
-    def __init__(self, image: np.ndarray, label: np.ndarray):
+    def __init__(self, image: np.ndarray, label: np.ndarray, rows: np.ndarray | None = None):
         self.image, self.label = image, label
         self.shape = np.shape(label)
-        dtype = np.int32 if np.prod(self.shape) < 2**31 else np.int64
-        self.fg_cum = np.cumsum(self._foreground(slice(None)).sum(axis=-1), axis=None, dtype=dtype)
-        self.bg_cum = np.cumsum(self._background(slice(None)).sum(axis=-1), axis=None, dtype=dtype)
+        self.fg_cum, self.bg_cum = crop_rows(image, label) if rows is None else rows
         self.num_fg = int(self.fg_cum[-1]) if self.fg_cum.size else 0
         self.num_bg = int(self.bg_cum[-1]) if self.bg_cum.size else 0
 

@@ -222,9 +222,9 @@ def test_cache_resumes_after_a_kill(spleen_dir, tmp_path, monkeypatch):
     real_save = np.save
     calls = {"n": 0}
 
-    def dying_save(path, arr):  # the process dies while writing the 3rd case's label
+    def dying_save(path, arr):  # the process dies while writing the 3rd case's label (image, label, crop rows each)
         calls["n"] += 1
-        if calls["n"] == 6:
+        if calls["n"] == 8:
             raise KeyboardInterrupt("killed")
         real_save(path, arr)
 
@@ -410,6 +410,44 @@ def test_pretraining_augmentation_modes(spleen_cache, monkeypatch):
         else:
             assert spatial == [{((False, False, False), 0)}] * 12
     assert len({t.offset for s in per_step for t in s}) > 1  # shifts still drawn per crop
+
+
+def test_crop_rows_are_stored_when_prepared_and_an_older_cache_gains_them_on_first_use(spleen_cache, tmp_path,
+                                                                                       monkeypatch):
+    """A fine-tuning pipeline reads each case's crop rows from the cache instead of scanning its
+    volume; a cache prepared without them (an older jaxseg) gets them written beside its arrays
+    the first time, and the same crops either way."""
+    from jaxseg.data.pipelines import CropCentres
+
+    cid = spleen_cache.training[0]
+    stored = np.load(cache_mod.case_dir(spleen_cache.root, cid) / cache_mod.CROP_ROWS)
+    image, label = spleen_cache.image(cid), spleen_cache.label(cid)
+    np.testing.assert_array_equal(stored, cache_mod.crop_rows(image, label))
+    old = tmp_path / "old"
+    shutil.copytree(spleen_cache.root, old)
+    for f in old.glob(f"cases/*/{cache_mod.CROP_ROWS}"):
+        f.unlink()
+    cfg = Config().replace(crop_size=16, finetune_steps=3)
+    scans = []
+    monkeypatch.setattr(cache_mod, "crop_rows", lambda *a: scans.append(1) or CROP_ROWS_FN(*a))
+    def labels(cache):
+        ds = finetune_dataset(cache, cache.training, cfg, seed=1)
+        return [ds[k]["label"] for k in range(3)]
+
+    first = labels(Cache(old))
+    written = [c for c in Cache(old).training if (old / "cases" / c / cache_mod.CROP_ROWS).is_file()]
+    assert scans and len(written) == len(scans)  # each volume used: scanned once, its rows written
+    n = len(scans)
+    again, fresh = labels(Cache(old)), labels(spleen_cache)
+    assert len(scans) == n  # read back, not scanned again
+    for a, b, c in zip(first, again, fresh):
+        np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(a, c)
+    where = CropCentres(image, label, stored)
+    assert (where.num_fg, where.num_bg) == (int((label > 0).sum()), int(stored[1, -1]))
+
+
+CROP_ROWS_FN = cache_mod.crop_rows
 
 
 @pytest.mark.parametrize("case", ["mixed", "no_foreground", "no_background"])
