@@ -8,6 +8,7 @@ never leaves a folder that looks complete; re-running skips complete, readable c
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import dataclasses
 import errno
 import functools
@@ -16,8 +17,9 @@ import json
 import multiprocessing as mp
 import os
 import shutil
-import threading
+import socket
 import time
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -353,16 +355,18 @@ class Cache:
             rows = np.load(path)
             if rows.shape == (2, label.shape[0] * label.shape[1]):
                 return rows
-        except (OSError, ValueError):
-            pass  # not there (an older cache) or unreadable: made again
+        except Exception:  # noqa: BLE001 - not there (an older cache) or unreadable (cut short): made again
+            pass
         rows = crop_rows(self.image(case_id), label)
-        tmp = path.with_name(f".{CROP_ROWS}.{os.getpid()}.{threading.get_ident()}.tmp")
+        # unique across the hosts that may share the cache folder, and the threads of each
+        tmp = path.with_name(f".{CROP_ROWS}.{socket.gethostname()}.{uuid.uuid4().hex}.tmp")
         try:
             with open(tmp, "wb") as f:
                 np.save(f, rows)
             os.replace(tmp, path)
-        except OSError:
-            tmp.unlink(missing_ok=True)
+        except OSError:  # a read-only cache: computed, not kept
+            with contextlib.suppress(OSError):  # on a read-only mount even a missing file's unlink fails
+                tmp.unlink()
         return rows
 
     def meta(self, case_id: str) -> dict:

@@ -450,6 +450,31 @@ def test_crop_rows_are_stored_when_prepared_and_an_older_cache_gains_them_on_fir
 CROP_ROWS_FN = cache_mod.crop_rows
 
 
+def test_crop_rows_cut_short_are_made_again_and_a_read_only_cache_computes_them(spleen_cache, tmp_path, monkeypatch):
+    import errno
+    import pathlib
+
+    root = tmp_path / "c"
+    shutil.copytree(spleen_cache.root, root)
+    cid = spleen_cache.training[0]
+    path = root / "cases" / cid / cache_mod.CROP_ROWS
+    want = cache_mod.crop_rows(spleen_cache.image(cid), spleen_cache.label(cid))
+    path.write_bytes(b"")  # renamed into place, then the machine lost power before the data reached the disk
+    np.testing.assert_array_equal(Cache(root).crop_rows(cid), want)
+    np.testing.assert_array_equal(np.load(path), want)  # written again
+    path.unlink()
+
+    def read_only(*a, **k):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(cache_mod, "open", read_only, raising=False)
+    monkeypatch.setattr(pathlib.Path, "unlink", read_only)  # a read-only mount refuses even a missing file's unlink
+    np.testing.assert_array_equal(Cache(root).crop_rows(cid), want)
+    assert not path.exists()
+
+
+
+
 @pytest.mark.parametrize("case", ["mixed", "no_foreground", "no_background"])
 def test_crop_centres_are_the_voxels_the_masks_give_in_c_order(case):
     """Fine-tuning crop centres found once per volume (jaxseg.data.pipelines.CropCentres): the
