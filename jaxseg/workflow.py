@@ -178,12 +178,13 @@ def run_pretraining(cfg: Config, workdir: str | Path, out_name: str = "pretrain"
         summaries = {}
         for stage_idx, (stage, steps) in enumerate(zip(STAGES, (p.stage1_steps, p.stage2_steps))):
             state, tx = pretrain_state(job.model, params, cfg, stage)
+            state = replicate(state, mesh)  # not kept unreplicated beside it for the whole stage
             ds = pretrain_dataset(job.cache, job.split["train"], cfg, seed=cfg.seed * 1000 + stage_idx,
                                   shard=host_shard())
             run = Run(f"pretrain_{stage}", job.out / stage, steps, cfg.ckpt_every,
                       p.volumes_per_step * p.crops_per_volume, progress, cfg.lr, profile_range(cfg.profile_steps))
             rule = functools.partial(converged, window=p.convergence_window, rtol=p.convergence_rtol)
-            state, summary = run_loop(run, replicate(state, mesh),
+            state, summary = run_loop(run, state,
                                       make_pretrain_step(job.model, tx, p, stage, job.task.multilabel),
                                       job.feed(ds), [Convergence(rule, p.min_steps)])
             params = state.params
