@@ -59,9 +59,18 @@ def crop_rows(image: np.ndarray, label: np.ndarray) -> np.ndarray:
     finds the i-th such voxel from them. (2, D*H) int32 (int64 past 2**31 voxels)."""
     label = np.asarray(label)
     dtype = np.int32 if label.size < 2**31 else np.int64
-    fg = (label > 0).sum(axis=-1)
-    bg = ((label == 0) & np.any(np.asarray(image) != 0, axis=-1)).sum(axis=-1)
+    fg, bg = crop_foreground(label).sum(axis=-1), crop_background(image, label).sum(axis=-1)
     return np.stack([np.cumsum(fg, axis=None, dtype=dtype), np.cumsum(bg, axis=None, dtype=dtype)])
+
+
+def crop_foreground(label: np.ndarray) -> np.ndarray:
+    """Voxels a foreground crop may be centred on (of a volume, or of rows of it)."""
+    return np.asarray(label) > 0
+
+
+def crop_background(image: np.ndarray, label: np.ndarray) -> np.ndarray:
+    """Voxels a background crop may be centred on: label 0 where any image channel is non-zero."""
+    return (np.asarray(label) == 0) & np.any(np.asarray(image) != 0, axis=-1)
 
 
 def case_dir(out_dir: Path, case_id: str) -> Path:

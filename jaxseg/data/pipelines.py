@@ -19,7 +19,7 @@ import numpy as np
 
 from jaxseg.config import Config
 from jaxseg.data.augment import apply, augment, centred_start, crop_at, draw, random_start
-from jaxseg.data.cache import Cache, crop_rows
+from jaxseg.data.cache import Cache, crop_background, crop_foreground, crop_rows
 from jaxseg.losses import SAMPLED_OBJECTIVES
 from jaxseg.losses.partition import sample_triplets
 
@@ -63,10 +63,10 @@ class CropCentres:
         self.num_bg = int(self.bg_cum[-1]) if self.bg_cum.size else 0
 
     def _foreground(self, rows) -> np.ndarray:
-        return np.asarray(self.label)[rows] > 0
+        return crop_foreground(np.asarray(self.label)[rows])
 
     def _background(self, rows) -> np.ndarray:
-        return (np.asarray(self.label)[rows] == 0) & np.any(np.asarray(self.image)[rows] != 0, axis=-1)
+        return crop_background(np.asarray(self.image)[rows], np.asarray(self.label)[rows])
 
     def _voxel(self, cum: np.ndarray, mask, i: int) -> tuple[int, int, int]:
         row = int(np.searchsorted(cum, i, side="right"))  # the row holding the i-th voxel

@@ -428,8 +428,9 @@ def test_crop_rows_are_stored_when_prepared_and_an_older_cache_gains_them_on_fir
     for f in old.glob(f"cases/*/{cache_mod.CROP_ROWS}"):
         f.unlink()
     cfg = Config().replace(crop_size=16, finetune_steps=3)
-    scans = []
-    monkeypatch.setattr(cache_mod, "crop_rows", lambda *a: scans.append(1) or CROP_ROWS_FN(*a))
+    scans, real = [], cache_mod.crop_rows
+    monkeypatch.setattr(cache_mod, "crop_rows", lambda *a: scans.append(1) or real(*a))
+
     def labels(cache):
         ds = finetune_dataset(cache, cache.training, cfg, seed=1)
         return [ds[k]["label"] for k in range(3)]
@@ -445,9 +446,6 @@ def test_crop_rows_are_stored_when_prepared_and_an_older_cache_gains_them_on_fir
         np.testing.assert_array_equal(a, c)
     where = CropCentres(image, label, stored)
     assert (where.num_fg, where.num_bg) == (int((label > 0).sum()), int(stored[1, -1]))
-
-
-CROP_ROWS_FN = cache_mod.crop_rows
 
 
 def test_crop_rows_cut_short_are_made_again_and_a_read_only_cache_computes_them(spleen_cache, tmp_path, monkeypatch):
@@ -471,8 +469,6 @@ def test_crop_rows_cut_short_are_made_again_and_a_read_only_cache_computes_them(
     monkeypatch.setattr(pathlib.Path, "unlink", read_only)  # a read-only mount refuses even a missing file's unlink
     np.testing.assert_array_equal(Cache(root).crop_rows(cid), want)
     assert not path.exists()
-
-
 
 
 @pytest.mark.parametrize("case", ["mixed", "no_foreground", "no_background"])
