@@ -166,6 +166,7 @@ class Checkpointer:
             fault = disk_fault(e, self.directory)
             if fault is None:
                 raise
+            self._check_folder()  # deleted while this save was written: the same line as between saves
             self._remove_temporaries()
             if not self.directory.is_dir():
                 raise UserError(f"{self.directory}: {fault} while saving the checkpoint of step {step}, and the "

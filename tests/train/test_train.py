@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import jax
@@ -536,19 +537,68 @@ def test_a_read_only_work_dir_during_training_is_named(tmp_path, monkeypatch):
         _toy_loop(tmp_path, lambda k: 1.0, 3, ckpt_every=1)
 
 
-def test_a_work_dir_that_vanishes_during_training_is_named(tmp_path):
-    """orbax would make the checkpoint folder anew (and the metrics written so far are gone):
-    the run stops at its next checkpoint, in one line."""
+def _remove_tree(folder):
+    """``rm -rf`` as a user runs it beside a live run: a background save may be creating files in
+    it meanwhile (then one pass fails with "Directory not empty"), so go on until it is gone."""
     import shutil
+
+    for _ in range(100):
+        shutil.rmtree(folder, ignore_errors=True)
+        if not folder.exists():
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"{folder} could not be removed")
+
+
+@pytest.mark.parametrize("when", ["between saves", "during a save"])
+def test_a_work_dir_that_vanishes_during_training_is_named(tmp_path, monkeypatch, when):
+    """orbax would make the checkpoint folder anew (and the metrics written so far are gone):
+    the run stops at its next checkpoint, in one line, whether the folder went between two saves
+    or while one was being written (orbax makes the folders anew)."""
+    import orbax.checkpoint as ocp
 
     workdir = tmp_path / "w"
 
     def vanish(k):
-        if k == 3:
-            shutil.rmtree(workdir)
+        if k == 3 and when == "between saves":
+            _remove_tree(workdir)
 
+    save = ocp.CheckpointManager.save
+
+    def save_into_a_vanishing_folder(self, step, *a, **k):
+        if step == 2 and when == "during a save":
+            _remove_tree(workdir)
+        return save(self, step, *a, **k)
+
+    monkeypatch.setattr(ocp.CheckpointManager, "save", save_into_a_vanishing_folder)
     with pytest.raises(UserError) as e:
         _toy_loop(workdir, lambda k: 1.0, 6, on_step=vanish, ckpt_every=2)
+    msg = str(e.value)
+    assert msg.startswith(f"{workdir}: the folder vanished during training") and "\n" not in msg
+
+
+@pytest.mark.parametrize("background", [True, False])
+def test_a_save_that_fails_because_the_work_dir_vanished_says_so(tmp_path, background):
+    """The write itself fails (orbax's temporary folder went under it): the same line as a
+    folder found gone between saves, in the background and in a multi-process (in-line) save."""
+    import errno
+
+    from jaxseg.train.state import TrainState
+
+    workdir = tmp_path / "w"
+    state = TrainState(step=jnp.int32(1), params={"w": jnp.arange(6.0)}, opt_state=())
+    ckpt = Checkpointer(workdir / "checkpoints", background=background)
+    ckpt.save(1, state, None, {})
+    ckpt.wait()
+
+    def vanish_under_the_save(step, *a, **k):
+        _remove_tree(workdir)
+        raise FileNotFoundError(errno.ENOENT, "No such file or directory", str(ckpt.directory / "2.tmp"))
+
+    ckpt.manager.save = vanish_under_the_save
+    with pytest.raises(UserError) as e:
+        ckpt.save(2, state, None, {})
+        ckpt.wait()
     msg = str(e.value)
     assert msg.startswith(f"{workdir}: the folder vanished during training") and "\n" not in msg
 
