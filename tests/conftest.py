@@ -2,10 +2,11 @@
 cache, in a fresh folder shared with the entry points it runs as subprocesses, so that a program
 compiled by one test (the tiny UNETR's init, fine-tuning step, evaluation forward...) loads in the
 next; and one small phantom dataset with its preprocessing cache serves every test that reads
-cached cases; and the tiny Table 1 run that several test files read."""
+cached cases; and the long subprocess jobs (the tiny Table 1 runs, the GPU script at toy size)
+that tests read, run in a background lane beside the others."""
 
+import concurrent.futures
 import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from jaxseg.compilation_cache import enable_compilation_cache
-from tests.runs import ROOT, TINY_TABLE1, cpu_env
+from tests.runs import ROOT, TINY_TABLE1, job_commands, kill_live_jobs, run_job
 
 os.environ.setdefault("JAXSEG_CACHE_DIR", tempfile.mkdtemp(prefix="jaxseg-tests-xla-"))
 enable_compilation_cache(os.environ["JAXSEG_CACHE_DIR"])
@@ -53,12 +54,101 @@ def tiny_data(tmp_path_factory) -> list[str]:
     return [f"--data_dir={data}", f"--cache_dir={root / 'cache'}"]
 
 
+# Long subprocess jobs that tests read: run one at a time in a background lane from the start of
+# the session, on the core the mostly single-threaded tests leave idle, while the tests that
+# read them are moved to the end (``pytest_collection_modifyitems``). Each: fixture name ->
+# (its commands and the folder or file it leaves, from its own folder and the tiny data; its time limit).
+def _table1_one_process(wd, data):
+    return job_commands("experiments.table1", [*TINY_TABLE1, *data, "--seeds=2", f"--workdir={wd}"]), wd
+
+
+def _table1_two(wd, data):
+    return job_commands("experiments.table1", [*TINY_TABLE1, *data, "--seeds=1", f"--workdir={wd}"], n=2), wd
+
+
+def _gpu_script(wd, data):
+    env = {**os.environ, "JAXSEG_BENCH_SIZE": "tiny", "PYTHON": sys.executable, "JAX_PLATFORMS": "cpu",
+           "JAXSEG_CACHE_DIR": str(wd / "xla"), "PYTHONPATH": str(ROOT)}  # a cold cache, as on a GPU machine's first run
+    return [(["bash", "benchmarks/run_gpu.sh", str(wd / "out")], env)], wd / "out"
+
+
+def _convergence(wd, data):
+    return (job_commands("benchmarks.pretrain_throughput", ["--mode=convergence", "--config=tiny", "--max_steps=4",
+                                                            "--stages=encoder", f"--workdir={wd / 'w'}",
+                                                            f"--json_out={wd / 'conv.json'}"], n=1), wd / "conv.json")
+
+
+BACKGROUND = {  # in the lane's order: the Table 1 runs first, the tests reading them come last
+    "table1_one_process": (_table1_one_process, 600),  # tiny Table 1, 2 seeds, 1 process x 4 devices
+    "table1_two": (_table1_two, 600),  # the same, seed 0, on 2 processes x 2 devices (240 s alone; the lane shares the CPU)
+    "gpu_script_out": (_gpu_script, 900),  # benchmarks/run_gpu.sh at toy size
+    "convergence_json": (_convergence, 600),  # benchmarks.pretrain_throughput --mode=convergence, tiny
+}
+LANE = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="tests-background")
+JOBS: dict[str, concurrent.futures.Future] = {}
+
+
+def _submit(name, tmp_path_factory, data):
+    make, timeout = BACKGROUND[name]
+    commands, value = make(tmp_path_factory.mktemp(name), data)
+    JOBS[name] = LANE.submit(lambda: (run_job(commands, timeout), value))
+
+
+def pytest_collection_modifyitems(config, items):
+    """The tests that read a background job run last, in the lane's order, so that the jobs run
+    beside the other tests and each is done before a test waits for it."""
+    order = {name: i for i, name in enumerate(BACKGROUND)}
+
+    def lane_position(item):
+        return max((order[f] for f in getattr(item, "fixturenames", ()) if f in order), default=-1)
+
+    items.sort(key=lane_position)  # stable: the others keep their order, first
+
+
+@pytest.fixture(scope="session", autouse=True)
+def background_jobs(request, tmp_path_factory):
+    """Start the background jobs that the collected tests read (none: nothing is started)."""
+    wanted = {f for item in request.session.items for f in getattr(item, "fixturenames", ())} & BACKGROUND.keys()
+    if wanted:
+        data = request.getfixturevalue("tiny_data")
+        for name in BACKGROUND:
+            if name in wanted:
+                _submit(name, tmp_path_factory, data)
+    yield
+    kill_live_jobs()
+    LANE.shutdown(wait=True, cancel_futures=True)
+
+
+def background(name: str) -> tuple[Path, str]:
+    """(its folder, its output) of background job ``name`` once it finished; fails the test
+    (with the job's output) if a process of it failed or hung."""
+    results, folder = JOBS[name].result()
+    for rc, text in results:
+        assert rc == 0, f"background job {name}: exit {rc}\n{text[-4000:]}"
+    return folder, "".join(text for _, text in results)
+
+
 @pytest.fixture(scope="session")
-def table1_one_process(tiny_data, tmp_path_factory) -> tuple[Path, str]:
+def table1_one_process() -> tuple[Path, str]:
     """(work dir, output) of ``experiments.table1`` at tiny size over 2 seeds on one process with
     4 CPU devices: the main job's smoke test, and the reference the 2-process run must equal."""
-    wd = tmp_path_factory.mktemp("table1_1")
-    proc = subprocess.run([sys.executable, "-m", "experiments.table1", *TINY_TABLE1, *tiny_data, "--seeds=2",
-                           f"--workdir={wd}"], cwd=ROOT, env=cpu_env(4), capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    return wd, proc.stdout + proc.stderr
+    return background("table1_one_process")
+
+
+@pytest.fixture(scope="session")
+def table1_two() -> Path:
+    """table1 at tiny size (pre-training, fine-tuning with validation and best-model keeping,
+    evaluation) on 2 processes x 2 devices, one seed."""
+    return background("table1_two")[0]
+
+
+@pytest.fixture(scope="session")
+def gpu_script_out() -> Path:
+    """The output folder of benchmarks/run_gpu.sh with JAXSEG_BENCH_SIZE=tiny, on this CPU."""
+    return background("gpu_script_out")[0]
+
+
+@pytest.fixture(scope="session")
+def convergence_json() -> Path:
+    """benchmarks.pretrain_throughput --mode=convergence of the tiny config's encoder stage."""
+    return background("convergence_json")[0]

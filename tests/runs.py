@@ -1,6 +1,11 @@
 """What the tests that run jaxseg's entry points as subprocesses share."""
 
 import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -15,3 +20,62 @@ def cpu_env(devices: int) -> dict:
     """The environment of a subprocess on ``devices`` CPU devices that imports this checkout."""
     return {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1",
             "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def job_commands(module: str, args, n: int = 1, heartbeat: int = 30, port: int | None = None,
+                 per_process=None) -> list[tuple[list[str], dict]]:
+    """(argv, env) of each process of ``module`` run on ``n`` processes on localhost (2 CPU
+    devices each; one process: 4 devices, the same devices in all); ``per_process(i)``: extra
+    flags of process i only."""
+    cmd = [sys.executable, "-m", module, *args]
+    if n == 1:
+        return [(cmd, cpu_env(4))]
+    port = port or free_port()
+    return [([*cmd, f"--coordinator=localhost:{port}", f"--num_processes={n}", f"--process_id={i}",
+              f"--heartbeat_timeout={heartbeat}", *(per_process(i) if per_process else ())], cpu_env(2))
+            for i in range(n)]
+
+
+LIVE: set = set()  # processes of running jobs, killed if the test session ends first
+
+
+def kill_live_jobs() -> None:
+    for p in list(LIVE):
+        p.kill()
+
+
+def run_job(commands, timeout: float) -> list[tuple[int | None, str]]:
+    """Start every (argv, env) of ``commands`` together and wait for all: (return code, output)
+    of each; a process still running after ``timeout`` s is killed (return code None, and the
+    output says so), so a hang ends the job instead of the test session. Output goes to files,
+    not pipes: a process blocked on a full pipe while its peer waits for it would hang the job."""
+    with tempfile.TemporaryDirectory(prefix="jaxseg-job-") as tmp:
+        logs = [open(Path(tmp) / f"{i}.log", "w+") for i in range(len(commands))]
+        procs = [subprocess.Popen(argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+                 for (argv, env), log in zip(commands, logs)]
+        LIVE.update(procs)
+        deadline = time.monotonic() + timeout
+        for p in procs:
+            try:
+                p.wait(timeout=max(deadline - time.monotonic(), 1))
+            except subprocess.TimeoutExpired:
+                break
+        out = []
+        for p, log in zip(procs, logs):
+            hung = p.poll() is None
+            if hung:
+                p.kill()
+                p.wait()
+            log.seek(0)
+            text = log.read()
+            log.close()
+            LIVE.discard(p)
+            out.append((None, f"{text}\n[did not finish within {timeout} s (hang): killed]") if hung
+                       else (p.returncode, text))
+        return out

@@ -1,10 +1,6 @@
 """Benchmark plumbing: the analytic FLOP count against XLA's, and the GPU script at toy size."""
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -12,8 +8,6 @@ import pytest
 
 from jaxseg.models import UNETR, init_params, unetr_from_preset
 from jaxseg.models.flops import layer_costs, pretrain_step_cost, roofline_s, unetr_cost, unetr_flops
-
-from tests.runs import ROOT
 
 
 def _xla_flops(fn, *args) -> float:
@@ -55,15 +49,11 @@ def test_flop_count_structure():
 
 
 @pytest.mark.slow
-def test_gpu_script_runs_at_toy_size_on_cpu(tmp_path):
-    """benchmarks/run_gpu.sh with JAXSEG_BENCH_SIZE=tiny: every part writes its JSON, the summary
-    has every section, and no more files come back than the device tool returns (8)."""
-    out = tmp_path / "out"
-    env = {**os.environ, "JAXSEG_BENCH_SIZE": "tiny", "PYTHON": sys.executable, "JAX_PLATFORMS": "cpu",
-           "JAXSEG_CACHE_DIR": str(tmp_path / "xla"), "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run(["bash", "benchmarks/run_gpu.sh", str(out)], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+def test_gpu_script_runs_at_toy_size_on_cpu(gpu_script_out):
+    """benchmarks/run_gpu.sh with JAXSEG_BENCH_SIZE=tiny (run in the background: tests/conftest.py):
+    every part writes its JSON, the summary has every section, and no more files come back than
+    the device tool returns (8)."""
+    out = gpu_script_out
     files = sorted(p.name for p in out.iterdir())
     assert len(files) <= 8 and {"model_step.json", "pretrain.json", "inference.json", "loss_scaling.json",
                                 "checkpoint.json", "summary.md", "log.txt"} <= set(files), files

@@ -20,7 +20,7 @@ import pytest
 
 from jaxseg.errors import UserError
 
-from tests.runs import ROOT, TINY_TABLE1, cpu_env
+from tests.runs import ROOT, cpu_env, free_port, job_commands
 
 pytestmark = pytest.mark.slow  # the tests here start processes (the JAX shim check aside, a second)
 
@@ -37,12 +37,6 @@ def shared_data(tiny_data):
     DATA[:] = tiny_data
     yield
     DATA.clear()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
 
 
 def _free_slurm_port() -> int:
@@ -64,15 +58,9 @@ def _start(workdir, n: int, *extra: str, module: str = "experiments.pretrain", a
            per_process=None, port: int | None = None) -> list[subprocess.Popen]:
     """n processes of ``module`` (2 devices each; one process: 4 devices) on the shared data;
     ``per_process(i)``: extra flags of process i only."""
-    cmd = [sys.executable, "-m", module, *args, *DATA, f"--workdir={workdir}", *extra]
-    if n == 1:
-        return [subprocess.Popen(cmd, cwd=ROOT, env=cpu_env(4), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                 text=True)]
-    port = port or _free_port()
-    return [subprocess.Popen([*cmd, f"--coordinator=localhost:{port}", f"--num_processes={n}", f"--process_id={i}",
-                              f"--heartbeat_timeout={heartbeat}", *(per_process(i) if per_process else ())],
-                             cwd=ROOT, env=cpu_env(2), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-            for i in range(n)]
+    commands = job_commands(module, [*args, *DATA, f"--workdir={workdir}", *extra], n, heartbeat, port, per_process)
+    return [subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            for argv, env in commands]
 
 
 def _wait(procs, timeout=TIMEOUT_S) -> list[tuple[int, str]]:
@@ -116,15 +104,6 @@ def _losses(out: Path) -> dict[str, list[float]]:
 
 TINY = ["--config=tiny", "--noprogress", "--phantom_subjects=6", "--finetune_steps=4", "--eval_every=2",
         "--ckpt_every=8"]  # fine-tuning and evaluation as TINY_TABLE1's
-
-
-@pytest.fixture(scope="module")
-def table1_two(tmp_path_factory) -> Path:
-    """table1 at tiny size (pre-training, fine-tuning with validation and best-model keeping,
-    evaluation) on 2 processes x 2 devices, one seed."""
-    wd = tmp_path_factory.mktemp("table1_2")
-    _run(wd, 2, "--seeds=1", module="experiments.table1", args=TINY_TABLE1)
-    return wd
 
 
 def _weights(path):
@@ -328,7 +307,7 @@ def test_a_crash_on_one_process_stops_the_others_at_once_naming_it():
     """An unexpected exception on process 1 (not a user error): process 0, waiting at a barrier,
     exits within seconds with one line naming process 1 and its error, not after the barrier's
     timeout."""
-    port = _free_port()
+    port = free_port()
     script = f"""
 import os
 from experiments import cli

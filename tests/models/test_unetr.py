@@ -57,8 +57,7 @@ def test_bfloat16_compute_keeps_float32_params(tiny):
     assert all(p.dtype == jnp.float32 for p in jax.tree_util.tree_leaves(params))
     err = jnp.abs(out_bf.astype(jnp.float32) - out_f32).max() / jnp.abs(out_f32).max()
     assert float(err) < 0.1
-    grads = jax.jit(jax.grad(lambda p: bf.apply(p, x).astype(jnp.float32).mean()))(params)
-    assert all(bool(jnp.isfinite(g).all()) for g in jax.tree_util.tree_leaves(grads))
+    # bfloat16 gradients: tests/train/test_steps.py's bfloat16 training step (the same update as float32's)
 
 
 @pytest.mark.parametrize(
