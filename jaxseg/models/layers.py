@@ -49,7 +49,7 @@ def conv3d(x: jax.Array, kernel: jax.Array, impl: str = "auto") -> jax.Array:
     if impl != "taps2d":
         raise ValueError(f"unknown conv impl {impl!r}; expected 'auto', 'xla' or 'taps2d'")
     b, d, h, w, c = x.shape
-    pad = kd // 2
+    pad = (kd - 1) // 2  # XLA's 'SAME': an even kernel pads one more after than before, as in H and W
     xp = jnp.pad(x, ((0, 0), (pad, kd - 1 - pad), (0, 0), (0, 0), (0, 0)))
     stacked = jnp.concatenate([xp[:, k : k + d] for k in range(kd)], axis=-1)
     k2d = jnp.moveaxis(kernel, 0, 2).reshape(kernel.shape[1], kernel.shape[2], kd * c, -1)
