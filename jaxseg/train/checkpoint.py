@@ -52,18 +52,34 @@ def check_workdir(workdir: str | Path, min_free_bytes: int = 200 * 2**20) -> Pat
     return path
 
 
-def _drop_closed_loop_noise(hook):
-    """``sys.excepthook`` less one kind of noise: after a failed orbax save or restore, tensorstore
-    completes the remaining writes on its own threads and calls back into asyncio loops orbax has
-    closed; each prints a traceback ('Event loop is closed') that says nothing about the fault,
-    which the run reports in one line."""
-    def excepthook(kind, value, tb):
-        if kind is RuntimeError and str(value) == "Event loop is closed":
-            return
-        hook(kind, value, tb)
+def _closed_loop_noise(value: BaseException | None) -> bool:
+    """After a failed orbax save or restore, tensorstore completes the remaining writes on its own
+    threads and calls back into asyncio loops orbax has closed; each prints a traceback ('Event
+    loop is closed', through ``sys.excepthook`` or, from a C++ thread, ``sys.unraisablehook``)
+    that says nothing about the fault, which the run reports in one line."""
+    return type(value) is RuntimeError and str(value) == "Event loop is closed"
 
-    excepthook.jaxseg_filter = True
-    return excepthook
+
+def _drop_closed_loop_noise() -> None:
+    """Install filters for that noise in both hooks, once per process (on whatever hooks are there)."""
+    if not getattr(sys.excepthook, "jaxseg_filter", False):
+        hook = sys.excepthook
+
+        def excepthook(kind, value, tb):
+            if not _closed_loop_noise(value):
+                hook(kind, value, tb)
+
+        excepthook.jaxseg_filter = True
+        sys.excepthook = excepthook
+    if not getattr(sys.unraisablehook, "jaxseg_filter", False):
+        unraisable = sys.unraisablehook
+
+        def unraisablehook(args):
+            if not _closed_loop_noise(args.exc_value):
+                unraisable(args)
+
+        unraisablehook.jaxseg_filter = True
+        sys.unraisablehook = unraisablehook
 
 
 class _DropOrbaxRecords(logging.Filter):
@@ -102,8 +118,7 @@ class Checkpointer:
     def __init__(self, directory: str | Path, max_to_keep: int = 2, background: bool | None = None):
         """``background``: write saves from a thread (default: on one process only)."""
         self.directory = Path(directory).absolute()
-        if not getattr(sys.excepthook, "jaxseg_filter", False):
-            sys.excepthook = _drop_closed_loop_noise(sys.excepthook)
+        _drop_closed_loop_noise()
         try:
             self.manager = ocp.CheckpointManager(
                 self.directory,

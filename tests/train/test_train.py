@@ -444,6 +444,27 @@ def test_a_save_is_written_in_the_background_and_its_fault_is_named_where_it_is_
         ckpt.close()
 
 
+def test_closed_event_loop_noise_is_dropped_from_both_hooks_and_nothing_else(monkeypatch):
+    """tensorstore's late callbacks into loops orbax closed after a failed save or restore reach
+    sys.excepthook, or sys.unraisablehook from a C++ thread (seen: a warning in the suite after a
+    damaged checkpoint); other errors go on to the hooks that were there."""
+    import types
+
+    from jaxseg.train.checkpoint import _drop_closed_loop_noise
+
+    seen = []
+    monkeypatch.setattr(sys, "excepthook", lambda kind, value, tb: seen.append(("except", str(value))))
+    monkeypatch.setattr(sys, "unraisablehook", lambda args: seen.append(("unraisable", str(args.exc_value))))
+    _drop_closed_loop_noise()
+    _drop_closed_loop_noise()  # once: not wrapped twice
+    for value in (RuntimeError("Event loop is closed"), RuntimeError("boom"), ValueError("Event loop is closed")):
+        sys.excepthook(type(value), value, None)
+        sys.unraisablehook(types.SimpleNamespace(exc_type=type(value), exc_value=value, exc_traceback=None,
+                                                 err_msg=None, object=None))
+    assert seen == [("except", "boom"), ("unraisable", "boom"), ("except", "Event loop is closed"),
+                    ("unraisable", "Event loop is closed")]
+
+
 def test_orbax_is_muted_during_a_write_and_nothing_else(caplog):
     """A write silences orbax's own records (a failed save logs its traceback) but not the absl
     messages of other code running meanwhile (grain's, on the main thread)."""
