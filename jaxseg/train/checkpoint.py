@@ -163,13 +163,18 @@ class Checkpointer:
         if pending is not None:
             pending.result()
 
-    def _check_folder(self) -> None:
+    def _vanished(self) -> str | None:
         """orbax would make a vanished folder anew, and the run's metrics are gone with it; one made
         anew (by a save that was writing when it went) is not the run's either."""
         gone = next((f for f, known in self._identity.items() if _identity(f) != known), None)
         if gone is not None:  # the run's folder first, then the checkpoints' own
-            raise UserError(f"{gone}: the folder vanished during training (its checkpoints and metrics with it); "
-                            f"rerun the same command to start again")
+            return (f"{gone}: the folder vanished during training (its checkpoints and metrics with it); "
+                    f"rerun the same command to start again")
+        return None
+
+    def _check_folder(self) -> None:
+        if (gone := self._vanished()) is not None:
+            raise UserError(gone)
 
     def _write(self, step: int, items: dict, last: int | None) -> None:
         self._check_folder()  # again: the folder may have gone since ``save`` handed this over
@@ -178,14 +183,12 @@ class Checkpointer:
                 self.manager.save(step, args=ocp.args.Composite(**items), force=True)
                 self.manager.wait_until_finished()
         except Exception as e:  # noqa: BLE001 - orbax / tensorstore bury the OS error in their own
+            if (gone := self._vanished()) is not None:  # deleted under this save: whatever orbax raised
+                raise UserError(gone) from None
             fault = disk_fault(e, self.directory)
             if fault is None:
                 raise
-            self._check_folder()  # deleted while this save was written: the same line as between saves
             self._remove_temporaries()
-            if not self.directory.is_dir():
-                raise UserError(f"{self.directory}: {fault} while saving the checkpoint of step {step}, and the "
-                                f"earlier checkpoints with it; rerun the same command to start again") from None
             raise UserError(f"{self.directory}: {fault} while saving the checkpoint of step {step}; the last good "
                             f"checkpoint is {'step ' + str(last) if last is not None else 'none'}. Fix that and "
                             f"rerun the same command to resume") from None

@@ -598,10 +598,12 @@ def test_a_work_dir_that_vanishes_during_training_is_named(tmp_path, monkeypatch
     assert msg.startswith(f"{workdir}: the folder vanished during training") and "\n" not in msg
 
 
+@pytest.mark.parametrize("error", ["OSError", "orbax's own"])
 @pytest.mark.parametrize("background", [True, False])
-def test_a_save_that_fails_because_the_work_dir_vanished_says_so(tmp_path, background):
+def test_a_save_that_fails_because_the_work_dir_vanished_says_so(tmp_path, background, error):
     """The write itself fails (orbax's temporary folder went under it): the same line as a
-    folder found gone between saves, in the background and in a multi-process (in-line) save."""
+    folder found gone between saves, in the background and in a multi-process (in-line) save,
+    whether orbax passes the OS error on or raises its own."""
     import errno
 
     from jaxseg.train.state import TrainState
@@ -613,15 +615,18 @@ def test_a_save_that_fails_because_the_work_dir_vanished_says_so(tmp_path, backg
     ckpt.wait()
 
     def vanish_under_the_save(step, *a, **k):
-        _remove_tree(workdir)
-        raise FileNotFoundError(errno.ENOENT, "No such file or directory", str(ckpt.directory / "2.tmp"))
+        workdir.rename(tmp_path / "moved")  # moved away, and both folders made anew (as orbax's create=True
+        ckpt.directory.mkdir(parents=True)  # would): new inodes, the old ones still in use
+        if error == "OSError":
+            raise FileNotFoundError(errno.ENOENT, "No such file or directory", str(ckpt.directory / "2.tmp"))
+        raise ValueError("Failed to finalize the checkpoint")
 
     ckpt.manager.save = vanish_under_the_save
     with pytest.raises(UserError) as e:
         ckpt.save(2, state, None, {})
         ckpt.wait()
     msg = str(e.value)
-    assert msg.startswith(f"{workdir}: the folder vanished during training") and "\n" not in msg
+    assert msg.startswith(str(workdir)) and ": the folder vanished during training" in msg and "\n" not in msg
 
 
 @pytest.mark.parametrize("damage", ["two bytes flipped", "truncated", "garbage", "empty"])
