@@ -181,7 +181,9 @@ def time_to_convergence(cfg, cache):
         model = unetr_from_preset(c.model.size, in_channels=1, out_channels=2, img_size=c.model.crop_size)
         params = init_params(model)
         res = {"stages": {}}
-        for k, stage in enumerate(s for s in STAGES if s in FLAGS.stages):
+        for k, stage in enumerate(STAGES):
+            if stage not in FLAGS.stages:  # a stage left out: the next keeps its own data seed
+                continue
             state, tx = pretrain_state(model, params, c, stage)
             step = make_pretrain_step(model, tx, c.pretrain, stage, False)
             it = make_iterator(pretrain_dataset(cache, cache.training, c, seed=k), 2)

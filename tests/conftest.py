@@ -2,8 +2,9 @@
 cache, in a fresh folder shared with the entry points it runs as subprocesses, so that a program
 compiled by one test (the tiny UNETR's init, fine-tuning step, evaluation forward...) loads in the
 next; and one small phantom dataset with its preprocessing cache serves every test that reads
-cached cases; and the long subprocess jobs (the tiny Table 1 runs, the GPU script at toy size)
-that tests read, run in a background lane beside the others."""
+cached cases; and the long subprocess jobs that tests read (the tiny Table 1 runs, the GPU script
+at toy size, the convergence benchmark, the pre-training -> fine-tuning -> evaluation entry
+points) run in a background lane beside the others."""
 
 import concurrent.futures
 import os
@@ -14,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from jaxseg.compilation_cache import enable_compilation_cache
-from tests.runs import ROOT, TINY_TABLE1, job_commands, kill_live_jobs, run_job
+from tests.runs import ENTRY, ROOT, TINY_TABLE1, job_commands, kill_live_jobs, run_steps
 
 os.environ.setdefault("JAXSEG_CACHE_DIR", tempfile.mkdtemp(prefix="jaxseg-tests-xla-"))
 enable_compilation_cache(os.environ["JAXSEG_CACHE_DIR"])
@@ -57,25 +58,39 @@ def tiny_data(tmp_path_factory) -> list[str]:
 # Long subprocess jobs that tests read: run one at a time in a background lane from the start of
 # the session, on the core the mostly single-threaded tests leave idle, while the tests that
 # read them are moved to the end (``pytest_collection_modifyitems``). Each: fixture name ->
-# (its commands and the folder or file it leaves, from its own folder and the tiny data; its time limit).
+# (its steps, each a list of commands run together, and the folder or file it leaves, from its own
+# folder and the tiny data; its time limit).
 def _table1_one_process(wd, data):
-    return job_commands("experiments.table1", [*TINY_TABLE1, *data, "--seeds=2", f"--workdir={wd}"]), wd
+    return [job_commands("experiments.table1", [*TINY_TABLE1, *data, "--seeds=2", f"--workdir={wd}"])], wd
 
 
 def _table1_two(wd, data):
-    return job_commands("experiments.table1", [*TINY_TABLE1, *data, "--seeds=1", f"--workdir={wd}"], n=2), wd
+    return [job_commands("experiments.table1", [*TINY_TABLE1, *data, "--seeds=1", f"--workdir={wd}"], n=2)], wd
 
 
 def _gpu_script(wd, data):
     env = {**os.environ, "JAXSEG_BENCH_SIZE": "tiny", "PYTHON": sys.executable, "JAX_PLATFORMS": "cpu",
            "JAXSEG_CACHE_DIR": str(wd / "xla"), "PYTHONPATH": str(ROOT)}  # a cold cache, as on a GPU machine's first run
-    return [(["bash", "benchmarks/run_gpu.sh", str(wd / "out")], env)], wd / "out"
+    return [[(["bash", "benchmarks/run_gpu.sh", str(wd / "out")], env)]], wd / "out"
 
 
 def _convergence(wd, data):
-    return (job_commands("benchmarks.pretrain_throughput", ["--mode=convergence", "--config=tiny", "--max_steps=4",
-                                                            "--stages=encoder", f"--workdir={wd / 'w'}",
-                                                            f"--json_out={wd / 'conv.json'}"], n=1), wd / "conv.json")
+    return [job_commands("benchmarks.pretrain_throughput", ["--mode=convergence", "--config=tiny", "--max_steps=4",
+                                                             "--stages=encoder", f"--workdir={wd / 'w'}",
+                                                             f"--json_out={wd / 'conv.json'}"])], wd / "conv.json"
+
+
+def _entry_points(wd, data):
+    """Pre-training (contrastive, a profile of step 2 of each stage), fine-tuning from it, and
+    evaluation of the result, each entry point in turn on its own data (one CPU device)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
+    common = [*ENTRY, f"--workdir={wd}"]
+    steps = [["experiments.pretrain", *common, "--objective=contrastive", "--stage1_steps=2", "--stage2_steps=2",
+              "--profile_steps=2:2"],
+             ["experiments.finetune", *common, f"--init={wd / 'pretrain' / 'params.msgpack'}", "--finetune_steps=2",
+              "--eval_every=2", "--label_budget=2"],
+             ["experiments.evaluate", *common, f"--params={wd / 'finetune' / 'best.msgpack'}"]]
+    return [[([sys.executable, "-m", *step], env)] for step in steps], wd
 
 
 BACKGROUND = {  # in the lane's order: the Table 1 runs first, the tests reading them come last
@@ -83,15 +98,28 @@ BACKGROUND = {  # in the lane's order: the Table 1 runs first, the tests reading
     "table1_two": (_table1_two, 600),  # the same, seed 0, on 2 processes x 2 devices (240 s alone; the lane shares the CPU)
     "gpu_script_out": (_gpu_script, 900),  # benchmarks/run_gpu.sh at toy size
     "convergence_json": (_convergence, 600),  # benchmarks.pretrain_throughput --mode=convergence, tiny
+    "entry_points_run": (_entry_points, 900),  # experiments.pretrain -> finetune -> evaluate, tiny
 }
 LANE = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="tests-background")
 JOBS: dict[str, concurrent.futures.Future] = {}
 
 
-def _submit(name, tmp_path_factory, data):
+def _job(name, folder, data):
+    """In the lane: the job's commands are made when it starts (a port picked minutes earlier may
+    be taken by then), and a failure to make the shared data is the job's failure."""
+    if isinstance(data, BaseException):
+        raise RuntimeError("the tiny phantom data (fixture tiny_data) could not be made") from data
     make, timeout = BACKGROUND[name]
-    commands, value = make(tmp_path_factory.mktemp(name), data)
-    JOBS[name] = LANE.submit(lambda: (run_job(commands, timeout), value))
+    steps, value = make(folder, data)
+    return run_steps(steps, timeout), value
+
+
+def _submit(request, name):
+    try:
+        data = request.getfixturevalue("tiny_data")
+    except Exception as e:  # noqa: BLE001 - the tests that read this job fail with it, not every test
+        data = e
+    JOBS[name] = LANE.submit(_job, name, request.getfixturevalue("tmp_path_factory").mktemp(name), data)
 
 
 def pytest_collection_modifyitems(config, items):
@@ -106,49 +134,60 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(scope="session", autouse=True)
-def background_jobs(request, tmp_path_factory):
-    """Start the background jobs that the collected tests read (none: nothing is started)."""
+def background_jobs(request):
+    """Start the background jobs that the collected tests read (none: nothing is started); at the
+    end (or on an interrupt) stop the lane and kill what runs in it."""
     wanted = {f for item in request.session.items for f in getattr(item, "fixturenames", ())} & BACKGROUND.keys()
-    if wanted:
-        data = request.getfixturevalue("tiny_data")
+    try:
         for name in BACKGROUND:
             if name in wanted:
-                _submit(name, tmp_path_factory, data)
-    yield
-    kill_live_jobs()
-    LANE.shutdown(wait=True, cancel_futures=True)
+                _submit(request, name)
+        yield
+    finally:
+        LANE.shutdown(wait=False, cancel_futures=True)  # no queued job starts...
+        kill_live_jobs()  # ... and the running one (and any that starts from now on) is killed
+        LANE.shutdown(wait=True)
 
 
-def background(name: str) -> tuple[Path, str]:
-    """(its folder, its output) of background job ``name`` once it finished; fails the test
-    (with the job's output) if a process of it failed or hung."""
-    results, folder = JOBS[name].result()
+def background(request, name: str) -> tuple[Path, str]:
+    """(its folder or file, its output) of background job ``name`` once it finished (started here
+    if the session did not: a fixture reached another way); fails the test (with the job's
+    output) if a process of it failed or hung."""
+    if name not in JOBS:
+        _submit(request, name)
+    results, value = JOBS[name].result()
     for rc, text in results:
         assert rc == 0, f"background job {name}: exit {rc}\n{text[-4000:]}"
-    return folder, "".join(text for _, text in results)
+    return value, "".join(text for _, text in results)
 
 
 @pytest.fixture(scope="session")
-def table1_one_process() -> tuple[Path, str]:
+def table1_one_process(request) -> tuple[Path, str]:
     """(work dir, output) of ``experiments.table1`` at tiny size over 2 seeds on one process with
     4 CPU devices: the main job's smoke test, and the reference the 2-process run must equal."""
-    return background("table1_one_process")
+    return background(request, "table1_one_process")
 
 
 @pytest.fixture(scope="session")
-def table1_two() -> Path:
+def table1_two(request) -> Path:
     """table1 at tiny size (pre-training, fine-tuning with validation and best-model keeping,
     evaluation) on 2 processes x 2 devices, one seed."""
-    return background("table1_two")[0]
+    return background(request, "table1_two")[0]
 
 
 @pytest.fixture(scope="session")
-def gpu_script_out() -> Path:
+def gpu_script_out(request) -> Path:
     """The output folder of benchmarks/run_gpu.sh with JAXSEG_BENCH_SIZE=tiny, on this CPU."""
-    return background("gpu_script_out")[0]
+    return background(request, "gpu_script_out")[0]
 
 
 @pytest.fixture(scope="session")
-def convergence_json() -> Path:
+def entry_points_run(request) -> tuple[Path, str]:
+    """(work dir, output) of the pre-training -> fine-tuning -> evaluation entry points in turn."""
+    return background(request, "entry_points_run")
+
+
+@pytest.fixture(scope="session")
+def convergence_json(request) -> Path:
     """benchmarks.pretrain_throughput --mode=convergence of the tiny config's encoder stage."""
-    return background("convergence_json")[0]
+    return background(request, "convergence_json")[0]

@@ -1,10 +1,13 @@
 """What the tests that run jaxseg's entry points as subprocesses share."""
 
+import contextlib
 import os
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -14,6 +17,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # uninterrupted reference that a preempted and killed pre-training must equal.
 TINY_TABLE1 = ["--config=tiny", "--noprogress", "--phantom_subjects=6", "--objectives=comparative",
                "--stage1_steps=16", "--stage2_steps=3", "--finetune_steps=4", "--eval_every=2", "--ckpt_every=8"]
+
+ENTRY = ["--config=tiny", "--noprogress", "--phantom_subjects=6"]  # with --workdir: the entry points' own runs
 
 
 def cpu_env(devices: int) -> dict:
@@ -42,24 +47,52 @@ def job_commands(module: str, args, n: int = 1, heartbeat: int = 30, port: int |
             for i in range(n)]
 
 
-LIVE: set = set()  # processes of running jobs, killed if the test session ends first
+LIVE: set = set()  # processes of running jobs (each leads its own session), killed if the test session ends first
+_LIVE_LOCK = threading.Lock()
+_STOPPING = threading.Event()
+
+
+def _kill_session(sid: int) -> None:
+    """SIGKILL every process of session ``sid``: a job's children too (run_gpu.sh's ``timeout``
+    puts its command in a process group of its own, which a group kill would miss)."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[3]) == sid:  # the 6th field of /proc/PID/stat, after pid and (comm)
+                os.kill(int(stat.parent.name), signal.SIGKILL)
+        except (OSError, IndexError, ValueError):
+            continue  # gone meanwhile
+
+
+def _kill(p: subprocess.Popen) -> None:
+    _kill_session(p.pid)
+    with contextlib.suppress(OSError):
+        p.kill()
 
 
 def kill_live_jobs() -> None:
-    for p in list(LIVE):
-        p.kill()
+    """Kill the jobs running now and every job started from now on (the session is ending)."""
+    with _LIVE_LOCK:
+        _STOPPING.set()
+        for p in list(LIVE):
+            _kill(p)
 
 
 def run_job(commands, timeout: float) -> list[tuple[int | None, str]]:
     """Start every (argv, env) of ``commands`` together and wait for all: (return code, output)
-    of each; a process still running after ``timeout`` s is killed (return code None, and the
-    output says so), so a hang ends the job instead of the test session. Output goes to files,
-    not pipes: a process blocked on a full pipe while its peer waits for it would hang the job."""
+    of each; a process still running after ``timeout`` s is killed with its children (return code
+    None, and the output says so), so a hang ends the job instead of the test session. Output goes
+    to files, not pipes: a process blocked on a full pipe while its peer waits for it would hang the job."""
     with tempfile.TemporaryDirectory(prefix="jaxseg-job-") as tmp:
         logs = [open(Path(tmp) / f"{i}.log", "w+") for i in range(len(commands))]
-        procs = [subprocess.Popen(argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
-                 for (argv, env), log in zip(commands, logs)]
-        LIVE.update(procs)
+        with _LIVE_LOCK:
+            procs = [subprocess.Popen(argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, text=True,
+                                      start_new_session=True)
+                     for (argv, env), log in zip(commands, logs)]
+            LIVE.update(procs)
+            if _STOPPING.is_set():
+                for p in procs:
+                    _kill(p)
         deadline = time.monotonic() + timeout
         for p in procs:
             try:
@@ -69,6 +102,7 @@ def run_job(commands, timeout: float) -> list[tuple[int | None, str]]:
         out = []
         for p, log in zip(procs, logs):
             hung = p.poll() is None
+            _kill_session(p.pid)  # what it left running (a hung job's, or a finished script's stray children)
             if hung:
                 p.kill()
                 p.wait()
@@ -79,3 +113,16 @@ def run_job(commands, timeout: float) -> list[tuple[int | None, str]]:
             out.append((None, f"{text}\n[did not finish within {timeout} s (hang): killed]") if hung
                        else (p.returncode, text))
         return out
+
+
+def run_steps(steps, timeout: float) -> list[tuple[int | None, str]]:
+    """``run_job`` of each step (a list of commands run together) in turn, within ``timeout`` s
+    in all, up to the first step with a process that failed or hung; every process's result."""
+    out, deadline = [], time.monotonic() + timeout
+    for commands in steps:
+        if _STOPPING.is_set():
+            break
+        out += run_job(commands, max(deadline - time.monotonic(), 1))
+        if any(rc != 0 for rc, _ in out):
+            break
+    return out
