@@ -3,8 +3,7 @@ cache, in a fresh folder shared with the entry points it runs as subprocesses, s
 compiled by one test (the tiny UNETR's init, fine-tuning step, evaluation forward...) loads in the
 next; and one small phantom dataset with its preprocessing cache serves every test that reads
 cached cases; and the long subprocess jobs that tests read (the tiny Table 1 runs, the GPU script
-at toy size, the convergence benchmark, the pre-training -> fine-tuning -> evaluation entry
-points) run in a background lane beside the others."""
+at toy size, the convergence benchmark) run in a background lane beside the others."""
 
 import concurrent.futures
 import os
@@ -15,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from jaxseg.compilation_cache import enable_compilation_cache
-from tests.runs import ENTRY, ROOT, TINY_TABLE1, job_commands, kill_live_jobs, run_steps
+from tests.runs import ROOT, TINY_TABLE1, job_commands, kill_live_jobs, run_steps
 
 os.environ.setdefault("JAXSEG_CACHE_DIR", tempfile.mkdtemp(prefix="jaxseg-tests-xla-"))
 enable_compilation_cache(os.environ["JAXSEG_CACHE_DIR"])
@@ -80,25 +79,11 @@ def _convergence(wd, data):
                                                              f"--json_out={wd / 'conv.json'}"])], wd / "conv.json"
 
 
-def _entry_points(wd, data):
-    """Pre-training (contrastive, a profile of step 2 of each stage), fine-tuning from it, and
-    evaluation of the result, each entry point in turn on its own data (one CPU device)."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
-    common = [*ENTRY, f"--workdir={wd}"]
-    steps = [["experiments.pretrain", *common, "--objective=contrastive", "--stage1_steps=2", "--stage2_steps=2",
-              "--profile_steps=2:2"],
-             ["experiments.finetune", *common, f"--init={wd / 'pretrain' / 'params.msgpack'}", "--finetune_steps=2",
-              "--eval_every=2", "--label_budget=2"],
-             ["experiments.evaluate", *common, f"--params={wd / 'finetune' / 'best.msgpack'}"]]
-    return [[([sys.executable, "-m", *step], env)] for step in steps], wd
-
-
 BACKGROUND = {  # in the lane's order: the Table 1 runs first, the tests reading them come last
     "table1_one_process": (_table1_one_process, 600),  # tiny Table 1, 2 seeds, 1 process x 4 devices
     "table1_two": (_table1_two, 600),  # the same, seed 0, on 2 processes x 2 devices (240 s alone; the lane shares the CPU)
     "gpu_script_out": (_gpu_script, 900),  # benchmarks/run_gpu.sh at toy size
     "convergence_json": (_convergence, 600),  # benchmarks.pretrain_throughput --mode=convergence, tiny
-    "entry_points_run": (_entry_points, 900),  # experiments.pretrain -> finetune -> evaluate, tiny
 }
 LANE = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="tests-background")
 JOBS: dict[str, concurrent.futures.Future] = {}
@@ -179,12 +164,6 @@ def table1_two(request) -> Path:
 def gpu_script_out(request) -> Path:
     """The output folder of benchmarks/run_gpu.sh with JAXSEG_BENCH_SIZE=tiny, on this CPU."""
     return background(request, "gpu_script_out")[0]
-
-
-@pytest.fixture(scope="session")
-def entry_points_run(request) -> tuple[Path, str]:
-    """(work dir, output) of the pre-training -> fine-tuning -> evaluation entry points in turn."""
-    return background(request, "entry_points_run")
 
 
 @pytest.fixture(scope="session")

@@ -18,7 +18,6 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY_TABLE1 = ["--config=tiny", "--noprogress", "--phantom_subjects=6", "--objectives=comparative",
                "--stage1_steps=16", "--stage2_steps=3", "--finetune_steps=4", "--eval_every=2", "--ckpt_every=8"]
 
-ENTRY = ["--config=tiny", "--noprogress", "--phantom_subjects=6"]  # with --workdir: the entry points' own runs
 
 
 def cpu_env(devices: int) -> dict:

@@ -12,7 +12,7 @@ import pytest
 
 pytestmark = pytest.mark.slow  # every test here runs entry points as subprocesses
 
-from tests.runs import ENTRY, ROOT
+from tests.runs import ROOT
 
 
 def run_module(module, *args, timeout=600, rc=0):
@@ -74,15 +74,15 @@ def test_loop_overhead_benchmark(tmp_path):
     assert "exposed host time" in out and med["device_step_ms"] > 0 and med["loop_step_ms"] > 0
 
 
-def test_pretrain_finetune_evaluate_entry_points(entry_points_run, tmp_path):
-    """The pre-training -> fine-tuning -> evaluation chain (run in the background: tests/conftest.py),
-    then prediction, the library's loader and every refusal on its outputs."""
-    wd, chain = entry_points_run
-    common = [*ENTRY, f"--workdir={wd}"]
-    assert "pre-training (contrastive): 4 steps" in chain
+def test_pretrain_finetune_evaluate_entry_points(tmp_path):
+    wd = tmp_path / "wd"
+    common = ["--config=tiny", f"--workdir={wd}", "--noprogress", "--phantom_subjects=6"]
+    out = run_module("experiments.pretrain", *common, "--objective=contrastive", "--stage1_steps=2", "--stage2_steps=2",
+                     "--profile_steps=2:2")
+    assert "pre-training (contrastive): 4 steps" in out
     for stage in ("encoder", "decoder"):  # --profile_steps: a trace of step 2 of each stage
         assert len(list((wd / "pretrain" / stage / "profile").rglob("*.xplane.pb"))) == 1
-    assert "probe, partition of anatomy from enc4 features (chance 0.25): random_init " in chain and "-> decoder " in chain
+    assert "probe, partition of anatomy from enc4 features (chance 0.25): random_init " in out and "-> decoder " in out
     assert (wd / "pretrain" / "params.msgpack").is_file() and (wd / "pretrain" / "pretrain_loss.png").is_file()
     stages = json.loads((wd / "pretrain" / "pretrain_summary.json").read_text())["stages"]
     for st in stages.values():  # every stage against its loss at chance (contrastive, P = 4: ln 4)
@@ -96,15 +96,17 @@ def test_pretrain_finetune_evaluate_entry_points(entry_points_run, tmp_path):
                      "--stage2_steps=2", rc=2)
     assert "objective: 'contrastive' then, 'comparative' now" in out and "Traceback" not in out
     assert (wd / "pretrain" / "params.msgpack").read_bytes() == md5
-    assert "best validation Dice" in chain  # from the fine-tuning
-    out = run_module("experiments.finetune", *common, "--label_budget=100", "--finetune_steps=2",
-                     "--out_name=ft_budget", rc=2)
-    assert "label_budget 100 exceeds" in out and not (wd / "ft_budget").exists()
+    out = run_module("experiments.finetune", *common, "--label_budget=100", "--finetune_steps=2", rc=2)
+    assert "label_budget 100 exceeds" in out
+    out = run_module("experiments.finetune", *common, f"--init={wd / 'pretrain' / 'params.msgpack'}",
+                     "--finetune_steps=2", "--eval_every=2", "--label_budget=2")
+    assert "best validation Dice" in out
     scalars, images = _event_tags(wd / "finetune" / "tensorboard")
     assert {"loss", "crops_per_s", "val_dice", "learning_rate"} <= scalars and images == {"validation/overlay"}
     out = run_module("experiments.finetune", *common, "--finetune_steps=2", "--eval_every=2", "--label_budget=2", rc=2)
     assert "init: {" in out and "then, None now" in out  # a finished run from another init is not returned
-    ev = wd / "eval"  # experiments.evaluate's
+    out = run_module("experiments.evaluate", *common, f"--params={wd / 'finetune' / 'best.msgpack'}")
+    ev = wd / "eval"
     assert (ev / "cases.csv").is_file() and (ev / "summary.md").is_file() and list((ev / "figures").glob("*.png"))
     split = json.loads((wd / "split.json").read_text())
     import nibabel as nib
