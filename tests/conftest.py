@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from jaxseg.compilation_cache import enable_compilation_cache
-from tests.runs import ROOT, TINY_TABLE1, job_commands, kill_live_jobs, run_steps
+from tests.runs import ROOT, TINY_TABLE1, job_commands, kill_live_jobs, run_job
 
 os.environ.setdefault("JAXSEG_CACHE_DIR", tempfile.mkdtemp(prefix="jaxseg-tests-xla-"))
 enable_compilation_cache(os.environ["JAXSEG_CACHE_DIR"])
@@ -57,26 +57,26 @@ def tiny_data(tmp_path_factory) -> list[str]:
 # Long subprocess jobs that tests read: run one at a time in a background lane from the start of
 # the session, on the core the mostly single-threaded tests leave idle, while the tests that
 # read them are moved to the end (``pytest_collection_modifyitems``). Each: fixture name ->
-# (its steps, each a list of commands run together, and the folder or file it leaves, from its own
-# folder and the tiny data; its time limit).
+# (its commands, run together, and the folder or file it leaves, from its own folder and the tiny
+# data; its time limit).
 def _table1_one_process(wd, data):
-    return [job_commands("experiments.table1", [*TINY_TABLE1, *data, "--seeds=2", f"--workdir={wd}"])], wd
+    return job_commands("experiments.table1", [*TINY_TABLE1, *data, "--seeds=2", f"--workdir={wd}"]), wd
 
 
 def _table1_two(wd, data):
-    return [job_commands("experiments.table1", [*TINY_TABLE1, *data, "--seeds=1", f"--workdir={wd}"], n=2)], wd
+    return job_commands("experiments.table1", [*TINY_TABLE1, *data, "--seeds=1", f"--workdir={wd}"], n=2), wd
 
 
 def _gpu_script(wd, data):
     env = {**os.environ, "JAXSEG_BENCH_SIZE": "tiny", "PYTHON": sys.executable, "JAX_PLATFORMS": "cpu",
            "JAXSEG_CACHE_DIR": str(wd / "xla"), "PYTHONPATH": str(ROOT)}  # a cold cache, as on a GPU machine's first run
-    return [[(["bash", "benchmarks/run_gpu.sh", str(wd / "out")], env)]], wd / "out"
+    return [(["bash", "benchmarks/run_gpu.sh", str(wd / "out")], env)], wd / "out"
 
 
 def _convergence(wd, data):
-    return [job_commands("benchmarks.pretrain_throughput", ["--mode=convergence", "--config=tiny", "--max_steps=4",
-                                                             "--stages=encoder", f"--workdir={wd / 'w'}",
-                                                             f"--json_out={wd / 'conv.json'}"])], wd / "conv.json"
+    return job_commands("benchmarks.pretrain_throughput", ["--mode=convergence", "--config=tiny", "--max_steps=4",
+                                                            "--stages=encoder", f"--workdir={wd / 'w'}",
+                                                            f"--json_out={wd / 'conv.json'}"]), wd / "conv.json"
 
 
 BACKGROUND = {  # in the lane's order: the Table 1 runs first, the tests reading them come last
@@ -95,8 +95,8 @@ def _job(name, folder, data):
     if isinstance(data, BaseException):
         raise RuntimeError("the tiny phantom data (fixture tiny_data) could not be made") from data
     make, timeout = BACKGROUND[name]
-    steps, value = make(folder, data)
-    return run_steps(steps, timeout), value
+    commands, value = make(folder, data)
+    return run_job(commands, timeout), value
 
 
 def _submit(request, name):

@@ -19,7 +19,6 @@ TINY_TABLE1 = ["--config=tiny", "--noprogress", "--phantom_subjects=6", "--objec
                "--stage1_steps=16", "--stage2_steps=3", "--finetune_steps=4", "--eval_every=2", "--ckpt_every=8"]
 
 
-
 def cpu_env(devices: int) -> dict:
     """The environment of a subprocess on ``devices`` CPU devices that imports this checkout."""
     return {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1",
@@ -113,15 +112,3 @@ def run_job(commands, timeout: float) -> list[tuple[int | None, str]]:
                        else (p.returncode, text))
         return out
 
-
-def run_steps(steps, timeout: float) -> list[tuple[int | None, str]]:
-    """``run_job`` of each step (a list of commands run together) in turn, within ``timeout`` s
-    in all, up to the first step with a process that failed or hung; every process's result."""
-    out, deadline = [], time.monotonic() + timeout
-    for commands in steps:
-        if _STOPPING.is_set():
-            break
-        out += run_job(commands, max(deadline - time.monotonic(), 1))
-        if any(rc != 0 for rc, _ in out):
-            break
-    return out

@@ -3,7 +3,7 @@
 import os
 import time
 
-from tests.runs import run_job, run_steps
+from tests.runs import run_job
 
 
 def test_a_hung_job_is_killed_with_its_children_and_reported(tmp_path):
@@ -20,8 +20,3 @@ def test_a_hung_job_is_killed_with_its_children_and_reported(tmp_path):
     else:
         raise AssertionError(f"child {child} of the hung job still runs")
 
-
-def test_steps_stop_at_the_first_failure():
-    ok, fail, never = ([(["bash", "-c", cmd], dict(os.environ))] for cmd in ("echo one", "echo two; exit 3", "echo three"))
-    out = run_steps([ok, fail, never], timeout=60)
-    assert [rc for rc, _ in out] == [0, 3] and "two" in out[1][1]
