@@ -9,6 +9,7 @@ import concurrent.futures
 import os
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -87,6 +88,15 @@ BACKGROUND = {  # in the lane's order: the Table 1 runs first, the tests reading
 }
 LANE = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="tests-background")
 JOBS: dict[str, concurrent.futures.Future] = {}
+START = time.monotonic()
+TOOK: dict[str, tuple[float, float]] = {}  # job -> (its start, its duration), in s from the session's start
+
+
+def pytest_terminal_summary(terminalreporter):
+    """When each background job ran: whether the lane or the tests beside it set the suite's time."""
+    if TOOK:
+        terminalreporter.write_line("background lane: " + ", ".join(
+            f"{name} {took:.0f} s from {start:.0f} s" for name, (start, took) in TOOK.items()))
 
 
 def _job(name, folder, data):
@@ -96,7 +106,11 @@ def _job(name, folder, data):
         raise RuntimeError("the tiny phantom data (fixture tiny_data) could not be made") from data
     make, timeout = BACKGROUND[name]
     commands, value = make(folder, data)
-    return run_job(commands, timeout), value
+    t0 = time.monotonic()
+    try:
+        return run_job(commands, timeout), value
+    finally:
+        TOOK[name] = (t0 - START, time.monotonic() - t0)
 
 
 def _submit(request, name):
@@ -109,13 +123,16 @@ def _submit(request, name):
 
 def pytest_collection_modifyitems(config, items):
     """The tests that read a background job run last, in the lane's order, so that the jobs run
-    beside the other tests and each is done before a test waits for it."""
+    beside the other tests and each is done before a test waits for it. Before them, the tests
+    that start processes of their own (marked slow) come after the in-process ones: the lane's
+    jobs, which keep both cores busy, then run beside tests that mostly use one."""
     order = {name: i for i, name in enumerate(BACKGROUND)}
 
-    def lane_position(item):
-        return max((order[f] for f in getattr(item, "fixturenames", ()) if f in order), default=-1)
+    def position(item):
+        lane = max((order[f] for f in getattr(item, "fixturenames", ()) if f in order), default=-1)
+        return lane, item.get_closest_marker("slow") is not None
 
-    items.sort(key=lane_position)  # stable: the others keep their order, first
+    items.sort(key=position)  # stable: otherwise in the order collected
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -15,6 +15,7 @@ from jaxseg.data import (Cache, DataValidationError, finetune_dataset,
                          labelled_subset, load_dataset_json, make_iterator, prepare, pretrain_dataset, split_cases,
                          write_phantom_dataset)
 from jaxseg.data import cache as cache_mod
+from jaxseg.data import phantom as phantom_mod
 from jaxseg.data.msd import load_nifti
 from jaxseg.data.preprocess import (brats_regions, label_channels, preprocess_case, resample, restore_label,
                                     save_nifti, to_ras)
@@ -240,10 +241,11 @@ def test_cache_resumes_after_a_kill(spleen_dir, tmp_path, monkeypatch):
     assert status == {"done": 4, "skipped": 2, "failed": 0}
 
 
-def test_phantom_is_deterministic(tmp_path):
+def test_phantom_is_deterministic(tmp_path, monkeypatch):
     a = write_phantom_dataset(tmp_path / "a", "braintumour", 2, seed=5, workers=1)
-    b = write_phantom_dataset(tmp_path / "b", "braintumour", 2, seed=5, workers=1)
     c = write_phantom_dataset(tmp_path / "c", "braintumour", 2, seed=6, workers=1)
+    monkeypatch.setattr(phantom_mod, "POOL_START_S", -1.0)  # the first subject here, the other in a worker
+    b = write_phantom_dataset(tmp_path / "b", "braintumour", 2, seed=5, workers=2)
     for sub in ("imagesTr/BRATS_001.nii.gz", "labelsTr/BRATS_001.nii.gz"):
         np.testing.assert_array_equal(load_nifti(a / sub)[0], load_nifti(b / sub)[0])
     assert not np.array_equal(load_nifti(a / "imagesTr/BRATS_001.nii.gz")[0], load_nifti(c / "imagesTr/BRATS_001.nii.gz")[0])

@@ -3,6 +3,7 @@ The model-step, inference and loss-scaling benchmarks run in tests/benchmarks/te
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -103,8 +104,15 @@ def test_pretrain_finetune_evaluate_entry_points(tmp_path):
     assert "best validation Dice" in out
     scalars, images = _event_tags(wd / "finetune" / "tensorboard")
     assert {"loss", "crops_per_s", "val_dice", "learning_rate"} <= scalars and images == {"validation/overlay"}
-    out = run_module("experiments.finetune", *common, "--finetune_steps=2", "--eval_every=2", "--label_budget=2", rc=2)
-    assert "init: {" in out and "then, None now" in out  # a finished run from another init is not returned
+    from jaxseg.config import get_config
+    from jaxseg.errors import UserError
+    from jaxseg.workflow import run_finetuning
+
+    # The refusals below run in this process (the entry points call the same functions; how they
+    # print a refusal: the subprocess ones above and tests/test_user_errors.py)
+    tiny = get_config("tiny", phantom_subjects=6)
+    with pytest.raises(UserError, match="init: {.*then, None now"):  # a finished run from another init is not returned
+        run_finetuning(tiny.replace(finetune_steps=2, eval_every=2, label_budget=2), wd, progress=False)
     out = run_module("experiments.evaluate", *common, f"--params={wd / 'finetune' / 'best.msgpack'}")
     ev = wd / "eval"
     assert (ev / "cases.csv").is_file() and (ev / "summary.md").is_file() and list((ev / "figures").glob("*.png"))
@@ -118,7 +126,7 @@ def test_pretrain_finetune_evaluate_entry_points(tmp_path):
     out = run_module("experiments.predict", f"--model={wd}", f"--input={scan}", f"--output={tmp_path / 'p2'}", rc=2)
     assert "not a trained run" in out and "Unable to initialize backend" not in out
     _batch_prediction_finishes(wd, scan, tmp_path)
-    _damaged_inputs_are_refused_before_any_output(wd, scan, common, tmp_path)
+    _damaged_inputs_are_refused_before_any_output(wd, scan, tiny, tmp_path)
     _unverified_weights_load_only_when_allowed(wd, scan, common, tmp_path)
     _predict_never_overwrites_an_input_or_another_output(wd, scan, tmp_path)
     out = run_module("experiments.evaluate", *common, f"--params={wd / 'finetune' / 'best.msgpack'}",
@@ -206,7 +214,11 @@ def _predict_never_overwrites_an_input_or_another_output(wd, scan, tmp_path):
     assert "--tta" in out and not (tmp_path / "tta_out").exists()  # a refused run creates nothing
 
 
-def _damaged_inputs_are_refused_before_any_output(wd, scan, common, tmp_path):
+def _damaged_inputs_are_refused_before_any_output(wd, scan, tiny, tmp_path):
+    from jaxseg.errors import UserError
+    from jaxseg.predict import load_model
+    from jaxseg.workflow import run_evaluation, run_finetuning, run_pretraining
+
     bad = tmp_path / "bad_run"
     bad.mkdir()
     for f in ("model.json", "best.msgpack"):
@@ -216,20 +228,18 @@ def _damaged_inputs_are_refused_before_any_output(wd, scan, common, tmp_path):
     data[len(data) // 2 + 5] ^= 0xFF
     (bad / "best.msgpack").write_bytes(bytes(data))
     weights = bad / "best.msgpack"
-    for module, args, out_name in (("experiments.finetune", [f"--init={weights}", "--out_name=ft_bad"], "ft_bad"),
-                                   ("experiments.evaluate", [f"--params={weights}", "--out_name=ev_bad"], "ev_bad"),
-                                   ("experiments.predict", [f"--model={weights}", f"--input={scan}",
-                                                            f"--output={tmp_path / 'pbad'}"], None)):
-        extra = common if module != "experiments.predict" else []
-        out = run_module(module, *extra, *args, rc=2)
-        assert f"error: {weights}: checksum mismatch" in out and "Traceback" not in out, out
+    for load, out_name in ((lambda: run_finetuning(tiny, wd, init=weights, out_name="ft_bad", progress=False), "ft_bad"),
+                           (lambda: run_evaluation(tiny, wd, weights, "ev_bad", progress=False), "ev_bad"),
+                           (lambda: load_model(weights), None)):  # experiments.predict's
+        with pytest.raises(UserError, match=f"^{re.escape(str(weights))}: checksum mismatch"):
+            load()
         if out_name:
             assert not (wd / out_name).exists()  # no output folder claimed
     # a refused rerun changes nothing: the settings are compared before data is (re)prepared
     index = (_cache_folder(wd) / "cache.json").read_bytes()
-    out = run_module("experiments.pretrain", *common, "--objective=contrastive", "--stage1_steps=2",
-                     "--stage2_steps=2", "--target_spacing=2", rc=2)
-    assert "target_spacing: [1.0, 1.0, 1.0] then, [2.0, 2.0, 2.0] now" in out
+    with pytest.raises(UserError, match=r"target_spacing: \[1.0, 1.0, 1.0\] then, \[2.0, 2.0, 2.0\] now"):
+        run_pretraining(tiny.replace(objective="contrastive", stage1_steps=2, stage2_steps=2, target_spacing=2), wd,
+                        progress=False)
     assert (_cache_folder(wd) / "cache.json").read_bytes() == index and len(list((wd / "cache").iterdir())) == 1
 
 
