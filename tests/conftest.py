@@ -3,7 +3,8 @@ cache, in a fresh folder shared with the entry points it runs as subprocesses, s
 compiled by one test (the tiny UNETR's init, fine-tuning step, evaluation forward...) loads in the
 next; and one small phantom dataset with its preprocessing cache serves every test that reads
 cached cases; and the long subprocess jobs that tests read (the tiny Table 1 runs, the GPU script
-at toy size, the convergence benchmark) run in a background lane beside the others."""
+at toy size, the convergence benchmark) run in a background lane beside the others. Everything
+compiles with XLA's backend optimisation off (``TEST_XLA_FLAGS``, tests/runs.py)."""
 
 import concurrent.futures
 import os
@@ -15,8 +16,9 @@ from pathlib import Path
 import pytest
 
 from jaxseg.compilation_cache import enable_compilation_cache
-from tests.runs import ROOT, TINY_TABLE1, job_commands, kill_live_jobs, run_job
+from tests.runs import ROOT, TEST_XLA_FLAGS, TINY_TABLE1, job_commands, kill_live_jobs, run_job
 
+os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {TEST_XLA_FLAGS}".strip()  # before JAX starts its backend
 os.environ.setdefault("JAXSEG_CACHE_DIR", tempfile.mkdtemp(prefix="jaxseg-tests-xla-"))
 enable_compilation_cache(os.environ["JAXSEG_CACHE_DIR"])
 
