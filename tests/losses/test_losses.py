@@ -248,7 +248,7 @@ def test_a_constant_encoder_is_flagged_as_not_learning():
     for name in ("comparative", "contrastive"):
         chance = chance_loss(name, n, p)
         flat = float(get_objective(name)(constant))
-        assert flat == pytest.approx(chance, rel=1e-5)
+        assert flat == pytest.approx(chance, rel=1e-4)  # float32 rounding: 1.5e-5 apart with XLA's optimisation off
         assert learning_report(flat, chance)["learned"] is False
         assert learning_report(0.99 * chance, chance)["learned"] is False  # within 2%
         good = float(get_objective(name)(informative))
