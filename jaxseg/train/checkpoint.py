@@ -62,24 +62,20 @@ def _closed_loop_noise(value: BaseException | None) -> bool:
 
 def _drop_closed_loop_noise() -> None:
     """Install filters for that noise in both hooks, once per process (on whatever hooks are there)."""
-    if not getattr(sys.excepthook, "jaxseg_filter", False):
-        hook = sys.excepthook
+    for name, value_of in (("excepthook", lambda kind, value, tb: value),
+                           ("unraisablehook", lambda args: args.exc_value)):
+        hook = getattr(sys, name)
+        if not getattr(hook, "jaxseg_filter", False):
+            setattr(sys, name, _without_closed_loop_noise(hook, value_of))
 
-        def excepthook(kind, value, tb):
-            if not _closed_loop_noise(value):
-                hook(kind, value, tb)
 
-        excepthook.jaxseg_filter = True
-        sys.excepthook = excepthook
-    if not getattr(sys.unraisablehook, "jaxseg_filter", False):
-        unraisable = sys.unraisablehook
+def _without_closed_loop_noise(hook, value_of):
+    def filtered(*args):
+        if not _closed_loop_noise(value_of(*args)):
+            hook(*args)
 
-        def unraisablehook(args):
-            if not _closed_loop_noise(args.exc_value):
-                unraisable(args)
-
-        unraisablehook.jaxseg_filter = True
-        sys.unraisablehook = unraisablehook
+    filtered.jaxseg_filter = True
+    return filtered
 
 
 class _DropOrbaxRecords(logging.Filter):
@@ -131,6 +127,9 @@ class Checkpointer:
                 raise
             raise UserError(f"{self.directory}: {fault}; checkpoints cannot be written there") from None
         self._identity = {f: _identity(f) for f in (self.directory.parent, self.directory)}
+        # Held open so that their inodes stay allocated: a folder deleted and made anew could
+        # otherwise get the same inode number and pass for the old one.
+        self._pins = [os.open(f, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0)) for f in self._identity]
         # One writer thread, one save in flight: orbax's manager is used by one thread at a time.
         if background is None:
             background = not multi_process()
@@ -245,6 +244,8 @@ class Checkpointer:
                 if self._writer is not None:
                     self._writer.shutdown()
                 self.manager.close()
+                for fd in self._pins:
+                    os.close(fd)
 
 
 def _identity(folder: Path) -> tuple[int, int] | None:
