@@ -11,6 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from jaxseg.config import get_config
+from jaxseg.errors import UserError
+from jaxseg.predict import load_model
+from jaxseg.workflow import run_evaluation, run_finetuning, run_pretraining
+
 pytestmark = pytest.mark.slow  # every test here runs entry points as subprocesses
 
 from tests.runs import ROOT
@@ -104,10 +109,6 @@ def test_pretrain_finetune_evaluate_entry_points(tmp_path):
     assert "best validation Dice" in out
     scalars, images = _event_tags(wd / "finetune" / "tensorboard")
     assert {"loss", "crops_per_s", "val_dice", "learning_rate"} <= scalars and images == {"validation/overlay"}
-    from jaxseg.config import get_config
-    from jaxseg.errors import UserError
-    from jaxseg.workflow import run_finetuning
-
     # The refusals below run in this process (the entry points call the same functions; how they
     # print a refusal: the subprocess ones above and tests/test_user_errors.py)
     tiny = get_config("tiny", phantom_subjects=6)
@@ -215,10 +216,6 @@ def _predict_never_overwrites_an_input_or_another_output(wd, scan, tmp_path):
 
 
 def _damaged_inputs_are_refused_before_any_output(wd, scan, tiny, tmp_path):
-    from jaxseg.errors import UserError
-    from jaxseg.predict import load_model
-    from jaxseg.workflow import run_evaluation, run_finetuning, run_pretraining
-
     bad = tmp_path / "bad_run"
     bad.mkdir()
     for f in ("model.json", "best.msgpack"):
