@@ -270,6 +270,56 @@ def test_table1_main_job_tiny(table1_one_process, tmp_path):
     assert cells[-1].endswith(f"(2×{cases})")
 
 
+
+def _seed_part(result: dict, seed: int, wd: Path, home: Path) -> Path:
+    """``wd`` as ``table1 --seed=<seed> --seeds=1`` would leave it, cut from a run over more seeds."""
+    (wd / f"seed{seed}").parent.mkdir(parents=True)
+    (wd / f"seed{seed}").symlink_to(home / f"seed{seed}")
+    part = {"config": {**result["config"], "seed": seed}, "seeds": [seed],
+            "runs": [r for r in result["runs"] if r["seed"] == seed],
+            "pretraining": {k: v for k, v in result["pretraining"].items() if k.startswith(f"seed{seed}/")}}
+    (wd / "table1.json").write_text(json.dumps(part))
+    return wd
+
+
+def test_merge_table1_reports_per_seed_runs_as_one_table1(table1_one_process, table1_two, tmp_path):
+    """A table1 per seed, merged: the report of one table1 over those seeds, to the last byte."""
+    from jaxseg.table1 import merge_table1
+
+    wd, _ = table1_one_process  # seeds 0 and 1
+    whole = json.loads((wd / "table1.json").read_text())
+    parts = [_seed_part(whole, s, tmp_path / f"s{s}", wd) for s in (1, 0)]  # in any order
+    merged = merge_table1(parts, tmp_path / "merged")
+    assert merged["merged_from"] == {"0": str(parts[1]), "1": str(parts[0])}
+    again = json.loads((tmp_path / "merged" / "table1.json").read_text())
+    assert again.pop("merged_from") == merged["merged_from"]
+    assert json.dumps(again, sort_keys=True) == json.dumps(whole, sort_keys=True)
+    assert (tmp_path / "merged" / "table1.md").read_text() == (wd / "table1.md").read_text()
+    assert (tmp_path / "merged" / "pretrain_loss.png").is_file()
+
+    # Through the entry point, with table1_two: seed 0 run on its own (2 processes) in a work dir of its own.
+    out = run_module("experiments.merge_table1", f"--workdir={tmp_path / 'cli'}", str(table1_two), str(parts[0]))
+    res = json.loads((tmp_path / "cli" / "table1.json").read_text())
+    assert res["seeds"] == [0, 1] and res["merged_from"] == {"0": str(table1_two), "1": str(parts[0])}
+    assert {r["seeds"] for r in res["rows"]} == {2} and "over 2 seed(s)" in out
+    assert [r["cases"] for r in res["runs"] if r["seed"] == 0] == [r["cases"] for r in json.loads(
+        (table1_two / "table1.json").read_text())["runs"]]
+
+    with pytest.raises(UserError, match="seed 0 is in both"):
+        merge_table1([wd, table1_two], tmp_path / "m1")
+    other = _seed_part({**whole, "config": {**whole["config"], "lr": 0.5}}, 1, tmp_path / "lr", wd)
+    with pytest.raises(UserError, match=r"lr 0.5 \(in .*s0: "):
+        merge_table1([parts[1], other], tmp_path / "m2")
+    runs = [{**r, "cases": dict(list(r["cases"].items())[1:])} for r in whole["runs"]]
+    fewer = _seed_part({**whole, "runs": runs}, 1, tmp_path / "fewer", wd)
+    with pytest.raises(UserError, match="tested on other cases"):
+        merge_table1([parts[1], fewer], tmp_path / "m3")
+    with pytest.raises(UserError, match="holds one of the runs"):
+        merge_table1(parts, parts[0])
+    with pytest.raises(UserError, match=r"missing.table1.json does not exist"):
+        merge_table1([parts[0], tmp_path / "missing"], tmp_path / "m4")
+    assert not any((tmp_path / m).exists() for m in ("m1", "m2", "m3", "m4"))
+
 def test_pretrain_throughput_convergence(convergence_json):
     """Time to convergence of both objectives (the step rows run in tests/benchmarks/test_benchmarks.py),
     here of the encoder stage alone (--stages; run in the background: tests/conftest.py)."""
