@@ -101,7 +101,7 @@ def merge_table1(workdirs, out: str | Path) -> dict:
     say, run side by side or as a job array): every run together and every statistic recomputed
     over all their seeds, as one table1 over those seeds would report them. Writes table1.json
     (with ``merged_from``: seed -> work dir), table1.md and the figures in ``out``; the runs stay
-    where they are."""
+    where they are, and a merged table can be merged again (more seeds later)."""
     out = Path(out)
     parts = []
     for wd in map(Path, workdirs):
@@ -130,9 +130,10 @@ def merge_table1(workdirs, out: str | Path) -> dict:
         if any(sorted(r["cases"]) != cases for r in part["runs"]):
             raise UserError(f"{wd} was tested on other cases than {first_wd}: differences are paired by test case")
         for seed in part["seeds"]:
+            home = Path(part.get("merged_from", {}).get(str(seed), wd))  # a merge of merges: where the runs are
             if seed in homes:
-                raise UserError(f"seed {seed} is in both {homes[seed]} and {wd}")
-            homes[seed] = wd
+                raise UserError(f"seed {seed} is in both {homes[seed]} and {home}")
+            homes[seed] = home
     if out.resolve() in {wd.resolve() for wd in homes.values()}:
         raise UserError(f"{out} holds one of the runs being merged: write the merged table to a folder of its own")
     if (out / "table1.json").is_file() and "merged_from" not in json.loads((out / "table1.json").read_text()):
@@ -142,7 +143,7 @@ def merge_table1(workdirs, out: str | Path) -> dict:
     runs = sorted((r for _, part in parts for r in part["runs"]), key=lambda r: (budgets.index(r["budget"]), r["seed"]))
     pre = dict(sorted(((k, v) for _, part in parts for k, v in _pretraining(part).items()), key=lambda kv: kv[0][0]))
     result = {**_result({**first["config"], "seed": seeds[0]}, seeds, runs, pre),
-              "merged_from": {str(s): str(wd) for s, wd in homes.items()}}
+              "merged_from": {str(s): str(homes[s]) for s in seeds}}
     out.mkdir(parents=True, exist_ok=True)
     with sole_writer(out):
         _write(result, out, homes)

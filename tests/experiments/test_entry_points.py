@@ -307,6 +307,8 @@ def test_merge_table1_reports_per_seed_runs_as_one_table1(table1_one_process, ta
 
     with pytest.raises(UserError, match="seed 0 is in both"):
         merge_table1([wd, table1_two], tmp_path / "m1")
+    with pytest.raises(UserError, match=f"seed 0 is in both {parts[1]} and {table1_two}"):  # a merge names its runs
+        merge_table1([tmp_path / "merged", table1_two], tmp_path / "m1")
     other = _seed_part({**whole, "config": {**whole["config"], "lr": 0.5}}, 1, tmp_path / "lr", wd)
     with pytest.raises(UserError, match=r"lr 0.5 \(in .*s0: "):
         merge_table1([parts[1], other], tmp_path / "m2")
