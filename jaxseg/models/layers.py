@@ -74,12 +74,16 @@ def upsample2x(x: jax.Array, kernel: jax.Array) -> jax.Array:
     return y.reshape(b, 2 * d, 2 * h, 2 * w, co)
 
 
-def instance_norm(x: jax.Array, eps: float = 1e-5) -> jax.Array:
-    """InstanceNorm without affine (MONAI's 'instance'): per sample and channel over space.
+def stats_dtype(dtype: Dtype) -> Dtype:
+    """Norm statistics and softmax: float32 under a narrower compute dtype (bfloat16), else the
+    compute dtype itself (float64 in the MONAI parity tests)."""
+    return jnp.promote_types(dtype, jnp.float32)
 
-    Statistics in float32 whatever the compute dtype.
-    """
-    xf = x.astype(jnp.float32)
+
+def instance_norm(x: jax.Array, eps: float = 1e-5) -> jax.Array:
+    """InstanceNorm without affine (MONAI's 'instance'): per sample and channel over space,
+    statistics in ``stats_dtype``."""
+    xf = x.astype(stats_dtype(x.dtype))
     mean = xf.mean(axis=(1, 2, 3), keepdims=True)
     var = jnp.square(xf - mean).mean(axis=(1, 2, 3), keepdims=True)
     return ((xf - mean) * lax.rsqrt(var + eps)).astype(x.dtype)

@@ -8,6 +8,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxseg.models.layers import stats_dtype
+
 Dtype = Any
 
 # MONAI initialises Linear weights and position embeddings with trunc_normal(std=0.02).
@@ -65,11 +67,13 @@ class SelfAttention(nn.Module):
         qkv = dense(3 * self.hidden_size, "qkv", self.qkv_bias)(x)
         qkv = qkv.reshape(b, n, 3, self.num_heads, self.hidden_size // self.num_heads)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-        if self.dropout_rate > 0.0 and not deterministic:
+        # Dropout on the weights needs them; float64 (the parity tests) too, as
+        # jax.nn.dot_product_attention takes its softmax in float32 whatever the dtype.
+        if (self.dropout_rate > 0.0 and not deterministic) or jnp.dtype(self.dtype) == jnp.float64:
             scale = q.shape[-1] ** -0.5
-            logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) * scale
+            logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(stats_dtype(self.dtype)) * scale
             weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-            weights = nn.Dropout(self.dropout_rate)(weights, deterministic=False)
+            weights = nn.Dropout(self.dropout_rate)(weights, deterministic=deterministic)
             out = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
         else:
             # Lets XLA/cuDNN pick a fused attention kernel on accelerators.
@@ -102,7 +106,7 @@ class TransformerBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x, deterministic: bool = True):
-        ln = lambda name: nn.LayerNorm(epsilon=1e-5, dtype=jnp.float32, name=name)
+        ln = lambda name: nn.LayerNorm(epsilon=1e-5, dtype=stats_dtype(self.dtype), name=name)
         h = ln("norm1")(x).astype(self.dtype)
         x = x + SelfAttention(
             self.hidden_size, self.num_heads, self.dropout_rate, self.qkv_bias, self.dtype, name="attn"
@@ -146,5 +150,5 @@ class ViT(nn.Module):
             hidden_states.append(x)
         if n < self.num_layers:
             return None, hidden_states
-        normed = nn.LayerNorm(epsilon=1e-5, dtype=jnp.float32, name="norm")(x).astype(self.dtype)
+        normed = nn.LayerNorm(epsilon=1e-5, dtype=stats_dtype(self.dtype), name="norm")(x).astype(self.dtype)
         return normed, hidden_states

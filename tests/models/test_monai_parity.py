@@ -34,20 +34,31 @@ def test_forward_and_input_grad_match_monai(cfg, conv_impl):
     model = UNETR(**cfg, conv_impl=conv_impl)
     params = from_monai(state_dict_numpy(net), model)
     size = cfg["img_size"] if isinstance(cfg["img_size"], tuple) else (cfg["img_size"],) * 3
-    x = np.random.default_rng(0).standard_normal((2, *size, cfg["in_channels"])).astype(np.float32)
+    x = np.random.default_rng(0).standard_normal((1, *size, cfg["in_channels"])).astype(np.float32)
 
-    # MONAI in float64 is the reference: its float32 input gradient is itself ~3e-3 off the
-    # float64 one on the L4 config (instance norm of near-constant maps), ours ~1e-6.
     net = net.double()
     xt = to_torch(x.astype(np.float64)).requires_grad_(True)
     ref = net(xt)
     (ref.square().mean()).backward()
     ref_out, ref_grad = to_channels_last(ref), to_channels_last(xt.grad)
 
+    # Both in float64: the comparison measures the implementation (equal to ~1e-14), not float32 rounding.
+    with jax.enable_x64(True):
+        model64 = UNETR(**cfg, conv_impl=conv_impl, dtype=jnp.float64)
+        params64 = jax.tree_util.tree_map(lambda p: jnp.asarray(p, jnp.float64), params)
+        x64 = jnp.asarray(x, jnp.float64)
+        out64 = jax.jit(model64.apply)(params64, x64)
+        grad64 = jax.jit(jax.grad(lambda x: jnp.mean(jnp.square(model64.apply(params64, x)))))(x64)
+        assert out64.dtype == grad64.dtype == jnp.float64
+        assert _rel(np.asarray(out64), ref_out) <= 1e-12
+        assert _rel(np.asarray(grad64), ref_grad) <= 1e-12
+
+    # float32, as jaxseg runs: the forward is near float64. (Its input gradient goes through
+    # instance norms of near-constant maps, which amplify rounding by orders of magnitude: MONAI's
+    # own float32 gradient is ~3e-3 off on the L4 config, and ours moves between 1e-6 and 2e-3 with
+    # XLA's compile options; the float64 check above is the one that shows the implementation.)
     out = jax.jit(model.apply)(params, jnp.asarray(x))
-    grad = jax.jit(jax.grad(lambda x: jnp.mean(jnp.square(model.apply(params, x)))))(jnp.asarray(x))
     assert _rel(np.asarray(out), ref_out) <= 1e-4
-    assert _rel(np.asarray(grad), ref_grad) <= 1e-4
 
 
 @pytest.mark.parametrize("cfg", [CONFIGS[0], CONFIGS[2]], ids=["L2-in1-out2", "L3-perceptron-basic"])
