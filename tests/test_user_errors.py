@@ -212,10 +212,10 @@ def test_prepare_of_an_unchanged_dataset_does_nothing_and_jobs_reuse_its_cache(p
     out = prepared_cache(phantom, root, PrepareConfig(), workers=1, progress=False)
     index = (out / "cache.json").stat().st_mtime_ns
 
-    def no_pool(*a, **k):
+    def no_case(*a, **k):
         raise AssertionError("an unchanged dataset was prepared again")
 
-    monkeypatch.setattr(cache_mod.cf, "ProcessPoolExecutor", no_pool)
+    monkeypatch.setattr(cache_mod, "_prepare_one", no_case)
     assert prepare(phantom, out, PrepareConfig(), workers=1, progress=False) == {"done": 0, "skipped": 2, "failed": 0}
     cfg = get_config("tiny", data_dir=str(phantom.root), cache_dir=str(root), val_fraction=0.0, test_fraction=0.0)
     cache, split = ensure_data(cfg, tmp_path / "work", progress=False)

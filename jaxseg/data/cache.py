@@ -7,18 +7,15 @@ never leaves a folder that looks complete; re-running skips complete, readable c
 
 from __future__ import annotations
 
-import concurrent.futures as cf
 import contextlib
 import dataclasses
 import errno
 import functools
 import hashlib
 import json
-import multiprocessing as mp
 import os
 import shutil
 import socket
-import time
 import uuid
 from pathlib import Path
 
@@ -31,6 +28,7 @@ from jaxseg.io import atomic_write_text, check_writable
 from jaxseg.data.msd import Case, DatasetInfo, DataValidationError, check_case, load_nifti
 from jaxseg.data.preprocess import brats_regions, preprocess_case
 from jaxseg.data.task import Task
+from jaxseg.data.workers import run_here_then_pool
 
 INDEX = "cache.json"
 
@@ -240,8 +238,8 @@ def _prepare_one(case: Case, info: DatasetInfo, out_dir: Path, cfg: PrepareConfi
 
 def prepare(info: DatasetInfo, out_dir: str | Path, cfg: PrepareConfig = PrepareConfig(),
             workers: int | None = None, progress: bool = True) -> dict:
-    """Preprocess every training case into ``out_dir``, in parallel processes when cases are slow
-    (a full-size scan), in this one while they are quick (``QUICK_CASE_S``). Cases with
+    """Preprocess every training case into ``out_dir``: in this process while the cases are
+    quick (phantoms, small scans), in parallel processes once that pays (``run_here_then_pool``). Cases with
     problems are not cached; all problems are raised together at the end as
     ``DataValidationError`` (valid cases stay cached, no work is lost; a rerun goes on). A
     complete cache of other settings or of another version of the dataset is never changed:
@@ -269,22 +267,16 @@ def _refuse_other_complete_cache(info: DatasetInfo, out_dir: Path, cfg: PrepareC
                     f"where each preparation has its own folder")
 
 
-# A worker process takes 2-3 s to start (spawn imports the job's main module, JAX with it): cases
-# that prepare faster than this (phantoms, small scans) are prepared in the calling process.
-QUICK_CASE_S = 0.5
-
-
 def _prepare_locked(info, out_dir: Path, cfg: PrepareConfig, workers, progress: bool) -> dict:
     (out_dir / "cases").mkdir(parents=True, exist_ok=True)
     for stale in (out_dir / "cases").glob(".tmp-*"):  # left by a killed run (we hold the lock)
         shutil.rmtree(stale, ignore_errors=True)
     fingerprint = dataset_fingerprint(info)
-    jobs = list(info.training)
     status: dict[str, int] = {"done": 0, "skipped": 0, "failed": 0}
     problems: list[str] = []
     from tqdm import tqdm
 
-    bar = tqdm(total=len(jobs), desc="prepare", unit="case", disable=not progress)
+    bar = tqdm(total=len(info.training), desc="prepare", unit="case", disable=not progress)
 
     def record(result: tuple[str, list[str]]) -> None:
         status[result[0]] += 1
@@ -292,17 +284,8 @@ def _prepare_locked(info, out_dir: Path, cfg: PrepareConfig, workers, progress: 
         bar.update(1)
         bar.set_postfix(status)
 
-    while jobs:  # here, one by one, while cases are quicker than a worker process takes to start
-        t0 = time.perf_counter()
-        record(_prepare_one(jobs.pop(0), info, out_dir, cfg))
-        if time.perf_counter() - t0 > QUICK_CASE_S:
-            break
-    if jobs:
-        # spawn, not fork: forking a process that runs JAX threads can deadlock.
-        with cf.ProcessPoolExecutor(workers or max(1, min(len(jobs), os.cpu_count() or 1)),
-                                    mp_context=mp.get_context("spawn")) as pool:
-            for fut in cf.as_completed([pool.submit(_prepare_one, c, info, out_dir, cfg) for c in jobs]):
-                record(fut.result())
+    run_here_then_pool(functools.partial(_prepare_one, info=info, out_dir=out_dir, cfg=cfg), info.training,
+                       workers or max(1, min(len(info.training), os.cpu_count() or 1)), record)
     bar.close()
     index = {
         "name": info.name, "modality": {str(k): v for k, v in info.modality.items()},

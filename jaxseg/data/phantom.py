@@ -13,10 +13,7 @@ reorientation and resampling are exercised. Deterministic from a seed.
 
 from __future__ import annotations
 
-import concurrent.futures as cf
-import multiprocessing as mp
 import json
-import time
 from pathlib import Path
 from typing import Sequence
 
@@ -24,10 +21,9 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
+from jaxseg.data.workers import run_here_then_pool
+
 KINDS = ("spleen", "braintumour")
-# A worker process takes 2-3 s to start (spawn imports JAX): subjects are written in this process
-# until the rest would take longer than that here, then by ``workers`` processes.
-POOL_START_S = 3.0
 
 # (center mm, radii mm, HU) in a canonical body frame centred on the volume.
 _CT_ORGANS = [
@@ -188,15 +184,7 @@ def write_phantom_dataset(out_dir: str | Path, kind: str = "spleen", n_subjects:
         else:
             jobs.append((kind, seed, i, tuple(shape), tuple(spacing), out / "imagesTs" / name, None))
             test.append(f"./imagesTs/{name}")
-    pending, t0 = list(jobs), time.perf_counter()
-    while pending:
-        _write_subject(pending.pop(0))
-        per_subject = (time.perf_counter() - t0) / (len(jobs) - len(pending))
-        if workers > 1 and per_subject * len(pending) > POOL_START_S:
-            break
-    if pending:
-        with cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
-            list(pool.map(_write_subject, pending))
+    run_here_then_pool(_write_subject, jobs, workers)
     meta = {**_META[kind], "tensorImageSize": "4D" if kind == "braintumour" else "3D",
             "numTraining": n_subjects, "numTest": n_test, "training": training, "test": test}
     (out / "dataset.json").write_text(json.dumps(meta, indent=1))

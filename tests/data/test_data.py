@@ -15,7 +15,7 @@ from jaxseg.data import (Cache, DataValidationError, finetune_dataset,
                          labelled_subset, load_dataset_json, make_iterator, prepare, pretrain_dataset, split_cases,
                          write_phantom_dataset)
 from jaxseg.data import cache as cache_mod
-from jaxseg.data import phantom as phantom_mod
+from jaxseg.data import workers as workers_mod
 from jaxseg.data.msd import load_nifti
 from jaxseg.data.preprocess import (brats_regions, label_channels, preprocess_case, resample, restore_label,
                                     save_nifti, to_ras)
@@ -195,26 +195,32 @@ def test_cache_contents_and_skip(spleen_dir, spleen_cache):
 
 
 def test_quick_cases_are_prepared_here_slow_ones_in_worker_processes(spleen_dir, spleen_cache, tmp_path, monkeypatch):
-    """The first case always runs in this process; a case slower than QUICK_CASE_S hands the rest
-    to a pool. Both ways cache the same arrays."""
+    """The first case always runs in this process; the rest go to a pool once it pays
+    (POOL_START_S). Both ways cache the same arrays."""
     pools = []
 
-    class CountingPool(cache_mod.cf.ProcessPoolExecutor):
+    class CountingPool(workers_mod.cf.ProcessPoolExecutor):
         def __init__(self, *a, **kw):
             pools.append(a)
             super().__init__(*a, **kw)
 
-    monkeypatch.setattr(cache_mod.cf, "ProcessPoolExecutor", CountingPool)
+    monkeypatch.setattr(workers_mod.cf, "ProcessPoolExecutor", CountingPool)
     info = load_dataset_json(spleen_dir)
-    monkeypatch.setattr(cache_mod, "QUICK_CASE_S", -1.0)  # every case 'slow': one here, five in 2 workers
+    monkeypatch.setattr(workers_mod, "POOL_START_S", -1.0)  # workers start at once: one here, five in 2 workers
     assert prepare(info, tmp_path / "a" / "pooled", progress=False, workers=2)["done"] == 6 and pools == [(2,)]
-    monkeypatch.setattr(cache_mod, "QUICK_CASE_S", 1e9)
+    monkeypatch.setattr(workers_mod, "POOL_START_S", 1e9)
     assert prepare(info, tmp_path / "b" / "here", progress=False, workers=2)["done"] == 6 and len(pools) == 1
     for cid in spleen_cache.training:
         for folder in ("pooled", "here"):
             got = Cache(next(tmp_path.glob(f"*/{folder}")))
             np.testing.assert_array_equal(got.image(cid), spleen_cache.image(cid))
             np.testing.assert_array_equal(got.label(cid), spleen_cache.label(cid))
+
+
+def test_worker_processes_start_only_when_they_finish_sooner():
+    pays = workers_mod.pays_to_pool  # 3 s to start, then the rest shared between the workers
+    assert pays(7.0, 2) and not pays(5.0, 2) and pays(5.0, 4)
+    assert not pays(1e6, 1)  # one worker only adds its start
 
 
 def test_cache_resumes_after_a_kill(spleen_dir, tmp_path, monkeypatch):
@@ -244,7 +250,7 @@ def test_cache_resumes_after_a_kill(spleen_dir, tmp_path, monkeypatch):
 def test_phantom_is_deterministic(tmp_path, monkeypatch):
     a = write_phantom_dataset(tmp_path / "a", "braintumour", 2, seed=5, workers=1)
     c = write_phantom_dataset(tmp_path / "c", "braintumour", 2, seed=6, workers=1)
-    monkeypatch.setattr(phantom_mod, "POOL_START_S", -1.0)  # the first subject here, the other in a worker
+    monkeypatch.setattr(workers_mod, "POOL_START_S", -1.0)  # the first subject here, the other in a worker
     b = write_phantom_dataset(tmp_path / "b", "braintumour", 2, seed=5, workers=2)
     for sub in ("imagesTr/BRATS_001.nii.gz", "labelsTr/BRATS_001.nii.gz"):
         np.testing.assert_array_equal(load_nifti(a / sub)[0], load_nifti(b / sub)[0])
