@@ -17,7 +17,7 @@ from jaxseg.errors import UserError
 flags.DEFINE_bool("write_phantom", False, "first write a phantom dataset (--phantom, --phantom_subjects, "
                   "--data_seed) into --data_dir")
 flags.DEFINE_integer("workers", 0, "worker processes at most (0: one per core); started only when they finish "
-                     "sooner than this process alone (full-size scans, not phantoms)", lower_bound=0)
+                     "sooner than this process alone (usually full-size scans; small phantoms stay in this one)", lower_bound=0)
 
 
 def main(argv):

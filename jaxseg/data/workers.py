@@ -30,5 +30,9 @@ def run_here_then_pool(fn: Callable, jobs: Sequence, workers: int, on_result: Ca
     else:
         return
     with cf.ProcessPoolExecutor(min(workers, rest), mp_context=mp.get_context("spawn")) as pool:
-        for fut in cf.as_completed([pool.submit(fn, job) for job in jobs[done:]]):
-            on_result(fut.result())
+        try:
+            for fut in cf.as_completed([pool.submit(fn, job) for job in jobs[done:]]):
+                on_result(fut.result())
+        except BaseException:  # a failure or Ctrl-C: drop the jobs not started instead of waiting for them
+            pool.shutdown(cancel_futures=True)
+            raise

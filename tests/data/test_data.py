@@ -194,17 +194,24 @@ def test_cache_contents_and_skip(spleen_dir, spleen_cache):
     assert status == {"done": 0, "skipped": 6, "failed": 0}
 
 
-def test_quick_cases_are_prepared_here_slow_ones_in_worker_processes(spleen_dir, spleen_cache, tmp_path, monkeypatch):
-    """The first case always runs in this process; the rest go to a pool once it pays
-    (POOL_START_S). Both ways cache the same arrays."""
-    pools = []
+@pytest.fixture
+def pools(monkeypatch):
+    """The worker pools started (their positional arguments: the worker count)."""
+    started = []
 
     class CountingPool(workers_mod.cf.ProcessPoolExecutor):
         def __init__(self, *a, **kw):
-            pools.append(a)
+            started.append(a)
             super().__init__(*a, **kw)
 
     monkeypatch.setattr(workers_mod.cf, "ProcessPoolExecutor", CountingPool)
+    return started
+
+
+def test_quick_cases_are_prepared_here_slow_ones_in_worker_processes(spleen_dir, spleen_cache, tmp_path, monkeypatch,
+                                                                      pools):
+    """The first case always runs in this process; the rest go to a pool once it pays
+    (POOL_START_S). Both ways cache the same arrays."""
     info = load_dataset_json(spleen_dir)
     monkeypatch.setattr(workers_mod, "POOL_START_S", -1.0)  # workers start at once: one here, five in 2 workers
     assert prepare(info, tmp_path / "a" / "pooled", progress=False, workers=2)["done"] == 6 and pools == [(2,)]
@@ -247,12 +254,13 @@ def test_cache_resumes_after_a_kill(spleen_dir, tmp_path, monkeypatch):
     assert status == {"done": 4, "skipped": 2, "failed": 0}
 
 
-def test_phantom_is_deterministic(tmp_path, monkeypatch):
-    a = write_phantom_dataset(tmp_path / "a", "braintumour", 2, seed=5, workers=1)
+def test_phantom_is_deterministic(tmp_path, monkeypatch, pools):
+    a = write_phantom_dataset(tmp_path / "a", "braintumour", 3, seed=5, workers=1)
     c = write_phantom_dataset(tmp_path / "c", "braintumour", 2, seed=6, workers=1)
-    monkeypatch.setattr(workers_mod, "POOL_START_S", -1.0)  # the first subject here, the other in a worker
-    b = write_phantom_dataset(tmp_path / "b", "braintumour", 2, seed=5, workers=2)
-    for sub in ("imagesTr/BRATS_001.nii.gz", "labelsTr/BRATS_001.nii.gz"):
+    monkeypatch.setattr(workers_mod, "POOL_START_S", -1.0)  # the first subject here, two in 2 workers
+    b = write_phantom_dataset(tmp_path / "b", "braintumour", 3, seed=5, workers=2)
+    assert pools == [(2,)]
+    for sub in ("imagesTr/BRATS_001.nii.gz", "labelsTr/BRATS_001.nii.gz", "imagesTr/BRATS_002.nii.gz"):
         np.testing.assert_array_equal(load_nifti(a / sub)[0], load_nifti(b / sub)[0])
     assert not np.array_equal(load_nifti(a / "imagesTr/BRATS_001.nii.gz")[0], load_nifti(c / "imagesTr/BRATS_001.nii.gz")[0])
     meta = json.loads((a / "dataset.json").read_text())
