@@ -285,7 +285,7 @@ def _prepare_locked(info, out_dir: Path, cfg: PrepareConfig, workers, progress: 
         bar.set_postfix(status)
 
     run_here_then_pool(functools.partial(_prepare_one, info=info, out_dir=out_dir, cfg=cfg), info.training,
-                       workers or max(1, min(len(info.training), os.cpu_count() or 1)), record)
+                       workers or os.cpu_count() or 1, record)  # it starts no more workers than jobs left
     bar.close()
     index = {
         "name": info.name, "modality": {str(k): v for k, v in info.modality.items()},
